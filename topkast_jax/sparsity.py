@@ -1,0 +1,184 @@
+"""Which parameters are sparse, and at what forward and backward sparsity.
+
+Resolution, per leaf of a parameter pytree (paths are keys joined by '/', for example
+``params/Conv_0/kernel``):
+
+1. ``sparsity=None``: every floating-point leaf with ndim >= 2 (kernels, embeddings) is sparse
+   at the global sparsities; vectors and scalars (biases, norm scales) are dense.
+2. ``sparsity`` a mapping ``{regex: value}``: the first regex (in mapping order) that
+   ``re.search``-matches a path sets that leaf's value; other leaves follow rule 1. Every regex
+   must match at least one leaf.
+3. ``sparsity`` a callable ``fn(path, leaf) -> value``.
+
+A value is ``True`` (sparse at the global sparsities), ``False`` or ``0`` (dense), a float
+``s`` (forward sparsity ``s``; the backward density keeps the global ratio of backward to
+forward density, capped at 1), or a pair ``(forward, backward)``. A forward sparsity of 0
+means dense: the leaf gets no masks and no exploration penalty.
+
+``distribution`` spreads the global budget over the leaves left at the global sparsity:
+``'uniform'`` gives each the same sparsity (the paper); ``'erk'`` (Erdos-Renyi-Kernel, as in
+RigL, Evci et al. 2020) gives leaf l a density proportional to sum(shape_l) / prod(shape_l),
+with the same total number of forward weights as uniform; leaves that would exceed density 1
+become dense and the rest are rescaled.
+"""
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class LeafSparsity(NamedTuple):
+  """Static sparsity of one sparse leaf."""
+
+  forward: float  # forward sparsity S: A holds round((1 - S) * size) entries
+  backward: float  # backward sparsity: B holds round((1 - backward) * size) entries
+
+  @property
+  def forward_density(self) -> float:
+    return 1.0 - self.forward
+
+  @property
+  def backward_density(self) -> float:
+    return 1.0 - self.backward
+
+  def counts(self, size: int) -> tuple[int, int]:
+    """``(|A|, |B|)`` for a leaf of ``size`` entries, rounding half up."""
+    return _round_half_up(self.forward_density * size), _round_half_up(
+        self.backward_density * size)
+
+
+def _round_half_up(x: float) -> int:
+  # The tiny tolerance keeps 0.1 * 10 = 0.9999999999999998 from rounding down.
+  return int(math.floor(x + 0.5 + 1e-9))
+
+
+def path_name(path) -> str:
+  """'/'-joined key path, e.g. ``params/Dense_0/kernel``."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def check_sparsities(forward: float, backward: float, where: str = '') -> None:
+  """Raises ValueError unless 0 <= backward <= forward < 1 (both Python numbers)."""
+  suffix = f' for {where}' if where else ''
+  for name, value in (('forward_sparsity', forward), ('backward_sparsity', backward)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+      raise ValueError(
+          f'{name}{suffix} must be a Python float, got {value!r}. Sparsities are static: with '
+          "optax.inject_hyperparams pass static_args=('forward_sparsity', "
+          "'backward_sparsity', 'update_every').")
+    if not 0.0 <= value < 1.0:
+      raise ValueError(f'{name}{suffix} must be in [0, 1), got {value}.')
+  if backward > forward:
+    raise ValueError(
+        f'backward_sparsity ({backward}) must not exceed forward_sparsity ({forward}){suffix}: '
+        'the backward set B must contain the forward set A.')
+
+
+_Spec = bool | float | tuple[float, float]
+SparsitySpec = None | Mapping[str, _Spec] | Callable[[str, Any], _Spec]
+
+
+def _explicit_value(value, path, forward, backward) -> LeafSparsity | None:
+  """A user's per-leaf value as a LeafSparsity (None: dense; True: left to the distribution)."""
+  if value is True:
+    return None
+  if value is False or value is None:
+    return LeafSparsity(0.0, 0.0)
+  if isinstance(value, tuple) and len(value) == 2:
+    f, b = value
+  elif isinstance(value, (int, float, np.floating, np.integer)):
+    f = float(value)
+    ratio = (1.0 - backward) / (1.0 - forward)
+    b = max(0.0, 1.0 - min(1.0, (1.0 - f) * ratio))
+  else:
+    raise ValueError(
+        f'sparsity value for {path!r} must be True, False, a float or a (forward, backward) '
+        f'pair, got {value!r}.')
+  check_sparsities(f, b, where=repr(path))
+  return LeafSparsity(float(f), float(b))
+
+
+def _erk_densities(shapes: list[tuple[int, ...]], density: float) -> list[float]:
+  """Erdos-Renyi-Kernel densities with the same total count as a uniform ``density``."""
+  sizes = np.array([np.prod(s) for s in shapes], dtype=np.float64)
+  scores = np.array([np.sum(s) / np.prod(s) for s in shapes], dtype=np.float64)
+  budget = density * sizes.sum()
+  dense = np.zeros(len(shapes), bool)
+  while True:
+    epsilon = (budget - sizes[dense].sum()) / (scores[~dense] * sizes[~dense]).sum()
+    too_dense = ~dense & (epsilon * scores > 1.0)
+    if not too_dense.any():
+      return [1.0 if d else float(epsilon * s) for d, s in zip(dense, scores)]
+    dense |= too_dense
+
+
+def resolve_sparsities(
+    params,
+    forward_sparsity: float,
+    backward_sparsity: float,
+    sparsity: SparsitySpec = None,
+    distribution: str = 'uniform',
+) -> list[LeafSparsity | None]:
+  """Per-leaf sparsities, aligned with ``jax.tree_util.tree_leaves(params)``; None is dense.
+
+  Raises:
+    ValueError: for invalid sparsities, an unknown distribution, a regex that matches no leaf,
+      or a non-floating leaf marked sparse.
+  """
+  check_sparsities(forward_sparsity, backward_sparsity)
+  if distribution not in ('uniform', 'erk'):
+    raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
+  if sparsity is not None and not callable(sparsity) and not isinstance(sparsity, Mapping):
+    raise ValueError(
+        f'sparsity must be None, a mapping {{regex: value}} or a callable, got {sparsity!r}.')
+  leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [path_name(p) for p, _ in leaves_with_paths]
+
+  patterns = {}
+  if isinstance(sparsity, Mapping):
+    patterns = {regex: re.compile(regex) for regex in sparsity}
+    for regex, pattern in patterns.items():
+      if not any(pattern.search(n) for n in names):
+        shown = ', '.join(names[:20]) + (', ...' if len(names) > 20 else '')
+        raise ValueError(f'sparsity override {regex!r} matches no parameter. Paths: {shown}.')
+
+  explicit: list[LeafSparsity | None] = []
+  for name, (_, leaf) in zip(names, leaves_with_paths):
+    if isinstance(sparsity, Mapping):
+      value = next((sparsity[r] for r, p in patterns.items() if p.search(name)), None)
+      value = (jnp.ndim(leaf) >= 2) if value is None else value
+    elif callable(sparsity):
+      value = sparsity(name, leaf)
+    else:
+      value = jnp.ndim(leaf) >= 2
+    resolved = _explicit_value(value, name, forward_sparsity, backward_sparsity)
+    if (resolved is None or resolved.forward > 0) and not jnp.issubdtype(
+        jnp.result_type(leaf), jnp.floating):
+      raise ValueError(f'parameter {name!r} has dtype {jnp.result_type(leaf)} and cannot be '
+                       'sparse; mark it dense in `sparsity`.')
+    explicit.append(resolved)
+
+  default = [i for i, e in enumerate(explicit) if e is None]
+  result = list(explicit)
+  if distribution == 'uniform' or not default:
+    densities = [1.0 - forward_sparsity] * len(default)
+  else:
+    shapes = [tuple(int(d) for d in np.shape(leaves_with_paths[i][1])) for i in default]
+    densities = _erk_densities(shapes, 1.0 - forward_sparsity)
+  ratio = (1.0 - backward_sparsity) / (1.0 - forward_sparsity)
+  for i, d in zip(default, densities):
+    result[i] = LeafSparsity(1.0 - d, max(0.0, 1.0 - min(1.0, d * ratio)))
+  return [r if r.forward > 0 else None for r in result]
