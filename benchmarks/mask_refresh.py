@@ -30,7 +30,8 @@ def resnet50_shapes():
     for b in range(blocks):
       name = f'stage{stage + 1}_block{b + 1}'
       for i, (ks, cin, cout) in enumerate(
-          [(1, in_ch, width), (3, width, width), (1, width, 4 * width)]):
+        [(1, in_ch, width), (3, width, width), (1, width, 4 * width)]
+      ):
         shapes[f'{name}_conv{i + 1}'] = (ks, ks, cin, cout)
         shapes[f'{name}_bn{i + 1}_scale'] = shapes[f'{name}_bn{i + 1}_bias'] = (cout,)
       if b == 0:
@@ -64,8 +65,11 @@ def jnp_argsort(kernels):
   masks = {}
   for name, x in kernels.items():
     k_a, k_b = counts(x.size)
-    ranks = jnp.zeros(x.size, jnp.int32).at[jnp.argsort(-jnp.abs(x).ravel())].set(
-        jnp.arange(x.size, dtype=jnp.int32))
+    ranks = (
+      jnp.zeros(x.size, jnp.int32)
+      .at[jnp.argsort(-jnp.abs(x).ravel())]
+      .set(jnp.arange(x.size, dtype=jnp.int32))
+    )
     masks[name] = ((ranks < k_a).reshape(x.shape), (ranks < k_b).reshape(x.shape))
   return masks
 
@@ -94,13 +98,16 @@ def main():
   rng = np.random.default_rng(0)
   shapes = resnet50_shapes()
   total = sum(int(np.prod(s)) for s in shapes.values())
-  kernels_np = {n: (rng.standard_normal(s) * 0.05).astype(np.float32)
-                for n, s in shapes.items() if len(s) >= 2}
+  kernels_np = {
+    n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in shapes.items() if len(s) >= 2
+  }
   kernels_jax = jax.device_put(kernels_np)
   sparse = sum(x.size for x in kernels_np.values())
-  print(f'ResNet-50 shapes: {total:,} parameters, {len(kernels_np)} kernels with {sparse:,} '
-        f'weights; forward density {FORWARD_DENSITY}, backward density {BACKWARD_DENSITY}; '
-        f'jax {jax.__version__} on {jax.devices()[0].platform}')
+  print(
+    f'ResNet-50 shapes: {total:,} parameters, {len(kernels_np)} kernels with {sparse:,} '
+    f'weights; forward density {FORWARD_DENSITY}, backward density {BACKWARD_DENSITY}; '
+    f'jax {jax.__version__} on {jax.devices()[0].platform}'
+  )
 
   ours = jax.device_get(topkast_topk(kernels_jax))
   reference = numpy_argpartition(kernels_np)

@@ -8,14 +8,14 @@ from topkast_jax.transform import TopKastState, find_topkast_state, sparse_param
 __version__ = '0.1.0'
 
 __all__ = [
-    'LeafSparsity',
-    'TopKastState',
-    'find_topkast_state',
-    'path_name',
-    'resolve_sparsities',
-    'sparse_params',
-    'topk_mask',
-    'topk_masks',
-    'topkast',
-    'topkast_metrics',
+  'LeafSparsity',
+  'TopKastState',
+  'find_topkast_state',
+  'path_name',
+  'resolve_sparsities',
+  'sparse_params',
+  'topk_mask',
+  'topk_masks',
+  'topkast',
+  'topkast_metrics',
 ]

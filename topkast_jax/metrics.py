@@ -21,9 +21,16 @@ def topkast_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
   state = find_topkast_state(opt_state)
   is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
   named = jax.tree_util.tree_flatten_with_path(state.forward_mask, is_leaf=is_masked)[0]
-  leaves = [jax.tree_util.tree_leaves(t, is_leaf=is_masked) for t in (
-      state.forward_mask, state.backward_mask, state.entered_from_c, state.forward_change,
-      state.penalty)]
+  leaves = [
+    jax.tree_util.tree_leaves(t, is_leaf=is_masked)
+    for t in (
+      state.forward_mask,
+      state.backward_mask,
+      state.entered_from_c,
+      state.forward_change,
+      state.penalty,
+    )
+  ]
   out = {}
   totals = dict(forward=0.0, backward=0.0, change=0.0, entered=0.0, penalty=0.0, size=0)
   for (path, a), b, entered, change, penalty in zip(named, *leaves[1:]):
@@ -32,11 +39,11 @@ def topkast_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
     n = a.size
     count_a = jnp.sum(a, dtype=jnp.float32)
     stats = {
-        'forward_density': count_a / n,
-        'backward_density': jnp.sum(b, dtype=jnp.float32) / n,
-        'forward_change': change,
-        'entered_from_c': jnp.sum(entered, dtype=jnp.float32) / n,
-        'penalty': penalty,
+      'forward_density': count_a / n,
+      'backward_density': jnp.sum(b, dtype=jnp.float32) / n,
+      'forward_change': change,
+      'entered_from_c': jnp.sum(entered, dtype=jnp.float32) / n,
+      'penalty': penalty,
     }
     if per_leaf:
       out.update({f'{path_name(path)}/{k}': v for k, v in stats.items()})
@@ -48,12 +55,11 @@ def topkast_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
     totals['size'] += n
   size = max(totals['size'], 1)
   out.update(
-      forward_density=jnp.asarray(totals['forward'] / size, jnp.float32),
-      backward_density=jnp.asarray(totals['backward'] / size, jnp.float32),
-      forward_change=jnp.asarray(totals['change'] / jnp.maximum(totals['forward'], 1.0),
-                                 jnp.float32),
-      entered_from_c=jnp.asarray(totals['entered'] / size, jnp.float32),
-      penalty=jnp.asarray(totals['penalty'], jnp.float32),
-      sparse_weights=jnp.asarray(totals['size'], jnp.int32),
+    forward_density=jnp.asarray(totals['forward'] / size, jnp.float32),
+    backward_density=jnp.asarray(totals['backward'] / size, jnp.float32),
+    forward_change=jnp.asarray(totals['change'] / jnp.maximum(totals['forward'], 1.0), jnp.float32),
+    entered_from_c=jnp.asarray(totals['entered'] / size, jnp.float32),
+    penalty=jnp.asarray(totals['penalty'], jnp.float32),
+    sparse_weights=jnp.asarray(totals['size'], jnp.int32),
   )
   return out

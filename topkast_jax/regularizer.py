@@ -14,8 +14,9 @@ from topkast_jax.sparsity import LeafSparsity
 
 def penalty_scale(forward_mask, backward_mask, spec: LeafSparsity) -> jax.Array:
   """1 on A, 1/D on B \\ A, 0 on C (float32)."""
-  return jnp.where(forward_mask, 1.0,
-                   jnp.where(backward_mask, 1.0 / spec.forward_density, 0.0)).astype(jnp.float32)
+  return jnp.where(
+    forward_mask, 1.0, jnp.where(backward_mask, 1.0 / spec.forward_density, 0.0)
+  ).astype(jnp.float32)
 
 
 def restrict_and_regularise(grads, params, forward_mask, backward_mask, specs, exploration_l2):
@@ -51,5 +52,7 @@ def restrict_and_regularise(grads, params, forward_mask, backward_mask, specs, e
     weighted = exploration_l2 * penalty_scale(a, b, spec) * p.astype(jnp.float32)
     new_grads.append(restricted + weighted.astype(g.dtype))
     penalties.append(0.5 * jnp.sum(weighted * p.astype(jnp.float32)))
-  return (jax.tree_util.tree_unflatten(treedef, new_grads),
-          jax.tree_util.tree_unflatten(treedef, penalties))
+  return (
+    jax.tree_util.tree_unflatten(treedef, new_grads),
+    jax.tree_util.tree_unflatten(treedef, penalties),
+  )

@@ -48,8 +48,7 @@ class LeafSparsity(NamedTuple):
 
   def counts(self, size: int) -> tuple[int, int]:
     """``(|A|, |B|)`` for a leaf of ``size`` entries, rounding half up."""
-    return _round_half_up(self.forward_density * size), _round_half_up(
-        self.backward_density * size)
+    return _round_half_up(self.forward_density * size), _round_half_up(self.backward_density * size)
 
 
 def _round_half_up(x: float) -> int:
@@ -76,15 +75,17 @@ def check_sparsities(forward: float, backward: float, where: str = '') -> None:
   for name, value in (('forward_sparsity', forward), ('backward_sparsity', backward)):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
       raise ValueError(
-          f'{name}{suffix} must be a Python float, got {value!r}. Sparsities are static: with '
-          "optax.inject_hyperparams pass static_args=('forward_sparsity', "
-          "'backward_sparsity', 'update_every').")
+        f'{name}{suffix} must be a Python float, got {value!r}. Sparsities are static: with '
+        "optax.inject_hyperparams pass static_args=('forward_sparsity', "
+        "'backward_sparsity', 'update_every')."
+      )
     if not 0.0 <= value < 1.0:
       raise ValueError(f'{name}{suffix} must be in [0, 1), got {value}.')
   if backward > forward:
     raise ValueError(
-        f'backward_sparsity ({backward}) must not exceed forward_sparsity ({forward}){suffix}: '
-        'the backward set B must contain the forward set A.')
+      f'backward_sparsity ({backward}) must not exceed forward_sparsity ({forward}){suffix}: '
+      'the backward set B must contain the forward set A.'
+    )
 
 
 _Spec = bool | float | tuple[float, float]
@@ -105,8 +106,9 @@ def _explicit_value(value, path, forward, backward) -> LeafSparsity | None:
     b = max(0.0, 1.0 - min(1.0, (1.0 - f) * ratio))
   else:
     raise ValueError(
-        f'sparsity value for {path!r} must be True, False, a float or a (forward, backward) '
-        f'pair, got {value!r}.')
+      f'sparsity value for {path!r} must be True, False, a float or a (forward, backward) '
+      f'pair, got {value!r}.'
+    )
   check_sparsities(f, b, where=repr(path))
   return LeafSparsity(float(f), float(b))
 
@@ -126,11 +128,11 @@ def _erk_densities(shapes: list[tuple[int, ...]], density: float) -> list[float]
 
 
 def resolve_sparsities(
-    params,
-    forward_sparsity: float,
-    backward_sparsity: float,
-    sparsity: SparsitySpec = None,
-    distribution: str = 'uniform',
+  params,
+  forward_sparsity: float,
+  backward_sparsity: float,
+  sparsity: SparsitySpec = None,
+  distribution: str = 'uniform',
 ) -> list[LeafSparsity | None]:
   """Per-leaf sparsities, aligned with ``jax.tree_util.tree_leaves(params)``; None is dense.
 
@@ -143,7 +145,8 @@ def resolve_sparsities(
     raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
   if sparsity is not None and not callable(sparsity) and not isinstance(sparsity, Mapping):
     raise ValueError(
-        f'sparsity must be None, a mapping {{regex: value}} or a callable, got {sparsity!r}.')
+      f'sparsity must be None, a mapping {{regex: value}} or a callable, got {sparsity!r}.'
+    )
   leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
   names = [path_name(p) for p, _ in leaves_with_paths]
 
@@ -166,9 +169,12 @@ def resolve_sparsities(
       value = jnp.ndim(leaf) >= 2
     resolved = _explicit_value(value, name, forward_sparsity, backward_sparsity)
     if (resolved is None or resolved.forward > 0) and not jnp.issubdtype(
-        jnp.result_type(leaf), jnp.floating):
-      raise ValueError(f'parameter {name!r} has dtype {jnp.result_type(leaf)} and cannot be '
-                       'sparse; mark it dense in `sparsity`.')
+      jnp.result_type(leaf), jnp.floating
+    ):
+      raise ValueError(
+        f'parameter {name!r} has dtype {jnp.result_type(leaf)} and cannot be '
+        'sparse; mark it dense in `sparsity`.'
+      )
     explicit.append(resolved)
 
   default = [i for i, e in enumerate(explicit) if e is None]

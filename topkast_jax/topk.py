@@ -40,8 +40,8 @@ def _bisection_search(keys, ks):
     candidate_counts = jnp.sum(keys[None, :] >= candidates[:, None], axis=1, dtype=jnp.int32)
     accept = candidate_counts >= k_vec
     return (
-        jnp.where(accept, candidates, thresholds),
-        jnp.where(accept, candidate_counts, counts),
+      jnp.where(accept, candidates, thresholds),
+      jnp.where(accept, candidate_counts, counts),
     )
 
   start = (jnp.zeros(len(ks), keys.dtype), jnp.full(len(ks), n, jnp.int32))
@@ -62,8 +62,9 @@ def _radix_search(keys, ks):
   thresholds, counts = [], []
   for i, k in enumerate(ks):
     # Keys outside the chosen bucket go to an overflow bin that is dropped.
-    low = jnp.where(high == bucket[i], (keys & ((1 << _LOW_BITS) - 1)).astype(jnp.int32),
-                    1 << _LOW_BITS)
+    low = jnp.where(
+      high == bucket[i], (keys & ((1 << _LOW_BITS) - 1)).astype(jnp.int32), 1 << _LOW_BITS
+    )
     low_hist = jnp.zeros((1 << _LOW_BITS) + 1, jnp.int32).at[low].add(1)[:-1]
     low_at_or_above = jnp.cumsum(low_hist[::-1])[::-1] + strictly_above[i]
     digit = jnp.sum(low_at_or_above >= k) - 1
@@ -73,7 +74,7 @@ def _radix_search(keys, ks):
 
 
 def kth_largest_keys(
-    keys: jax.Array, ks: Sequence[int], method: str = 'auto'
+  keys: jax.Array, ks: Sequence[int], method: str = 'auto'
 ) -> tuple[jax.Array, jax.Array]:
   """Finds, for each k in ``ks``, the k-th largest key and how many keys are >= it.
 
@@ -114,14 +115,10 @@ def _mask_at_threshold(keys, threshold, count_at_or_above, k):
     return (keys > threshold) | (at & (jnp.cumsum(at, dtype=jnp.int32) <= needed))
 
   # The prefix sum costs more than the whole search, so it only runs when ties cross the cut.
-  return jax.lax.cond(
-      count_at_or_above == k, without_straddling_ties, with_straddling_ties
-  )
+  return jax.lax.cond(count_at_or_above == k, without_straddling_ties, with_straddling_ties)
 
 
-def topk_masks(
-    x: jax.Array, ks: Sequence[int], method: str = 'auto'
-) -> tuple[jax.Array, ...]:
+def topk_masks(x: jax.Array, ks: Sequence[int], method: str = 'auto') -> tuple[jax.Array, ...]:
   """Boolean masks of the exact top-k entries of ``|x|`` for each static k in ``ks``.
 
   One search finds every threshold together, so nested masks (Top-KAST's A within B) cost
@@ -139,8 +136,7 @@ def topk_masks(
   ks = [int(k) for k in ks]
   n = int(np.prod(x.shape))
   if any(not 0 <= k <= n for k in ks):
-    raise ValueError(f'top-k counts must be in [0, {n}] for an array of shape {x.shape}, '
-                     f'got {ks}.')
+    raise ValueError(f'top-k counts must be in [0, {n}] for an array of shape {x.shape}, got {ks}.')
   searched = [k for k in ks if 0 < k < n]
   masks = {0: jnp.zeros(x.shape, bool), n: jnp.ones(x.shape, bool)}
   if searched:

@@ -16,11 +16,11 @@ import optax
 
 from topkast_jax import regularizer
 from topkast_jax.sparsity import (
-    LeafSparsity,
-    SparsitySpec,
-    check_sparsities,
-    path_name,
-    resolve_sparsities,
+  LeafSparsity,
+  SparsitySpec,
+  check_sparsities,
+  path_name,
+  resolve_sparsities,
 )
 from topkast_jax.topk import topk_masks
 
@@ -31,8 +31,12 @@ class TopKastState(NamedTuple):
   count: chex.Array  # int32 scalar: updates since init
   forward_mask: optax.Params  # bool, like each sparse leaf: A at the last refresh
   backward_mask: optax.Params  # bool, like each sparse leaf: B at the last refresh (A within B)
-  entered_from_c: optax.Params  # bool, like each sparse leaf: ever in C at one refresh, A at the next
-  forward_change: optax.Params  # float32 scalar per sparse leaf: share of A replaced at last refresh
+  entered_from_c: (
+    optax.Params
+  )  # bool, like each sparse leaf: ever in C at one refresh, A at the next
+  forward_change: (
+    optax.Params
+  )  # float32 scalar per sparse leaf: share of A replaced at last refresh
   penalty: optax.Params  # float32 scalar per sparse leaf: exploration penalty at the last update
   inner_state: optax.OptState  # the wrapped optimizer's state (EmptyState without one)
 
@@ -61,15 +65,15 @@ def _unflatten_pairs(treedef, pairs):
 
 
 def topkast(
-    inner: optax.GradientTransformation | None = None,
-    *,
-    forward_sparsity: float,
-    backward_sparsity: float,
-    update_every: int = 100,
-    exploration_l2: float | jax.Array = 0.0,
-    sparsity: SparsitySpec = None,
-    distribution: str = 'uniform',
-    reset_inner_state_on_exit: bool = False,
+  inner: optax.GradientTransformation | None = None,
+  *,
+  forward_sparsity: float,
+  backward_sparsity: float,
+  update_every: int = 100,
+  exploration_l2: float | jax.Array = 0.0,
+  sparsity: SparsitySpec = None,
+  distribution: str = 'uniform',
+  reset_inner_state_on_exit: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Top-KAST sparse training around (or, without ``inner``, before) an optimizer.
 
@@ -106,14 +110,15 @@ def topkast(
   if distribution not in ('uniform', 'erk'):
     raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
   if reset_inner_state_on_exit and inner is None:
-    raise ValueError('reset_inner_state_on_exit=True needs a wrapped optimizer (inner); the '
-                     'link form holds no optimizer state to reset.')
+    raise ValueError(
+      'reset_inner_state_on_exit=True needs a wrapped optimizer (inner); the '
+      'link form holds no optimizer state to reset.'
+    )
   wrapped = inner is not None
   inner = optax.with_extra_args_support(inner if wrapped else optax.identity())
 
   def leaf_specs(params):
-    return resolve_sparsities(params, forward_sparsity, backward_sparsity, sparsity,
-                              distribution)
+    return resolve_sparsities(params, forward_sparsity, backward_sparsity, sparsity, distribution)
 
   def refresh(params):
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -125,31 +130,45 @@ def topkast(
     zeros_bool = jax.tree.map(jnp.zeros_like, forward)
     zeros_scalar = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward)
     return TopKastState(
-        count=jnp.zeros((), jnp.int32),
-        forward_mask=forward,
-        backward_mask=backward,
-        entered_from_c=zeros_bool,
-        forward_change=zeros_scalar,
-        penalty=zeros_scalar,
-        inner_state=inner.init(params),
+      count=jnp.zeros((), jnp.int32),
+      forward_mask=forward,
+      backward_mask=backward,
+      entered_from_c=zeros_bool,
+      forward_change=zeros_scalar,
+      penalty=zeros_scalar,
+      inner_state=inner.init(params),
     )
 
   def refreshed_state(state, params_after, inner_state):
     forward, backward = refresh(params_after)
 
     changed = jax.tree.map(
-        lambda old, new: jnp.sum(new & ~old, dtype=jnp.float32) / jnp.maximum(
-            jnp.sum(new, dtype=jnp.float32), 1.0),
-        state.forward_mask, forward)
-    entered = jax.tree.map(lambda seen, old_b, new_a: seen | (new_a & ~old_b),
-                           state.entered_from_c, state.backward_mask, forward)
+      lambda old, new: (
+        jnp.sum(new & ~old, dtype=jnp.float32) / jnp.maximum(jnp.sum(new, dtype=jnp.float32), 1.0)
+      ),
+      state.forward_mask,
+      forward,
+    )
+    entered = jax.tree.map(
+      lambda seen, old_b, new_a: seen | (new_a & ~old_b),
+      state.entered_from_c,
+      state.backward_mask,
+      forward,
+    )
     if reset_inner_state_on_exit:
       left_b = jax.tree.map(
-          lambda p, old, new: jnp.zeros((), bool) if _is_masked(old) else old & ~new,
-          params_after, state.backward_mask, backward)
+        lambda p, old, new: jnp.zeros((), bool) if _is_masked(old) else old & ~new,
+        params_after,
+        state.backward_mask,
+        backward,
+      )
       inner_state = optax.tree_utils.tree_map_params(
-          inner, lambda s, left: jnp.where(left, jnp.zeros_like(s), s), inner_state, left_b,
-          transform_non_params=lambda s: s)
+        inner,
+        lambda s, left: jnp.where(left, jnp.zeros_like(s), s),
+        inner_state,
+        left_b,
+        transform_non_params=lambda s: s,
+      )
     return forward, backward, entered, changed, inner_state
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -158,28 +177,38 @@ def topkast(
     specs = leaf_specs(params)
     _check_state_matches(params, state, specs)
     grads, penalty = regularizer.restrict_and_regularise(
-        updates, params, state.forward_mask, state.backward_mask, specs, exploration_l2)
+      updates, params, state.forward_mask, state.backward_mask, specs, exploration_l2
+    )
     new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
     if wrapped:
       new_updates = jax.tree.map(
-          lambda u, b: u if _is_masked(b) else jnp.where(b, u, jnp.zeros_like(u)),
-          new_updates, state.backward_mask)
+        lambda u, b: u if _is_masked(b) else jnp.where(b, u, jnp.zeros_like(u)),
+        new_updates,
+        state.backward_mask,
+      )
     count = optax.safe_int32_increment(state.count)
 
     # The wrapped form takes masks from the params after this update; the link form cannot.
     params_for_masks = optax.apply_updates(params, new_updates) if wrapped else params
-    keep = (state.forward_mask, state.backward_mask, state.entered_from_c,
-            state.forward_change, inner_state)
+    keep = (
+      state.forward_mask,
+      state.backward_mask,
+      state.entered_from_c,
+      state.forward_change,
+      inner_state,
+    )
     if update_every == 1:
       masks = refreshed_state(state, params_for_masks, inner_state)
     else:
       masks = jax.lax.cond(
-          count % update_every == 0,
-          lambda: refreshed_state(state, params_for_masks, inner_state),
-          lambda: keep)
+        count % update_every == 0,
+        lambda: refreshed_state(state, params_for_masks, inner_state),
+        lambda: keep,
+      )
     forward, backward, entered, changed, inner_state = masks
-    return new_updates, TopKastState(count, forward, backward, entered, changed, penalty,
-                                     inner_state)
+    return new_updates, TopKastState(
+      count, forward, backward, entered, changed, penalty, inner_state
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -192,31 +221,34 @@ def _check_state_matches(params, state: TopKastState, specs=None) -> None:
     mask_leaves = treedef.flatten_up_to(state.forward_mask)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        'params do not have the structure of the params topkast was initialised with '
-        f'(params: {treedef}). Re-run tx.init(params) after changing the model.') from e
+      'params do not have the structure of the params topkast was initialised with '
+      f'(params: {treedef}). Re-run tx.init(params) after changing the model.'
+    ) from e
   specs = specs if specs is not None else [not _is_masked(m) for m in mask_leaves]
   for (path, leaf), mask, spec in zip(leaves_with_paths, mask_leaves, specs):
     expected = None if spec is None or spec is False else tuple(jnp.shape(leaf))
     got = None if _is_masked(mask) else tuple(jnp.shape(mask))
     if expected != got:
       raise ValueError(
-          f'params do not match the topkast state at {path_name(path)!r}: the state holds '
-          f'{"no mask" if got is None else f"a mask of shape {got}"}, the params need '
-          f'{"none (dense)" if expected is None else f"one of shape {expected}"}. Re-run '
-          'tx.init(params) after changing the model or the sparsity settings.')
+        f'params do not match the topkast state at {path_name(path)!r}: the state holds '
+        f'{"no mask" if got is None else f"a mask of shape {got}"}, the params need '
+        f'{"none (dense)" if expected is None else f"one of shape {expected}"}. Re-run '
+        'tx.init(params) after changing the model or the sparsity settings.'
+      )
 
 
 def find_topkast_state(opt_state) -> TopKastState:
   """The single `TopKastState` anywhere inside an optax state (chain, MultiSteps, ...)."""
   found = [
-      s for s in jax.tree_util.tree_leaves(
-          opt_state, is_leaf=lambda x: isinstance(x, TopKastState))
-      if isinstance(s, TopKastState)
+    s
+    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, TopKastState))
+    if isinstance(s, TopKastState)
   ]
   if len(found) != 1:
     raise ValueError(
-        f'expected exactly one TopKastState inside the optimizer state, found {len(found)}. '
-        'Pass the state of an optimizer built with topkast_jax.topkast (used once).')
+      f'expected exactly one TopKastState inside the optimizer state, found {len(found)}. '
+      'Pass the state of an optimizer built with topkast_jax.topkast (used once).'
+    )
   return found[0]
 
 
@@ -228,6 +260,7 @@ def sparse_params(params, opt_state) -> Any:
   state = find_topkast_state(opt_state)
   _check_state_matches(params, state)
   return jax.tree.map(
-      lambda p, a: p if _is_masked(a) else jnp.where(a, p, jnp.zeros_like(p)),
-      params, state.forward_mask)
-
+    lambda p, a: p if _is_masked(a) else jnp.where(a, p, jnp.zeros_like(p)),
+    params,
+    state.forward_mask,
+  )
