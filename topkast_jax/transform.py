@@ -189,22 +189,24 @@ def topkast(
     count = optax.safe_int32_increment(state.count)
 
     # The wrapped form takes masks from the params after this update; the link form cannot.
-    params_for_masks = optax.apply_updates(params, new_updates) if wrapped else params
-    keep = (
-      state.forward_mask,
-      state.backward_mask,
-      state.entered_from_c,
-      state.forward_change,
-      inner_state,
-    )
+    # Computed outside the conditional: inside one jitted step XLA then shares this sum with
+    # the caller's apply_updates, instead of materialising the updates as a cond operand.
+    after = optax.apply_updates(params, new_updates) if wrapped else params
+
+    def refresh_now():
+      return refreshed_state(state, after, inner_state)
+
+    def keep():
+      kept = (state.forward_mask, state.backward_mask, state.entered_from_c, state.forward_change)
+      return (*kept, inner_state)
+
     if update_every == 1:
-      masks = refreshed_state(state, params_for_masks, inner_state)
-    else:
-      masks = jax.lax.cond(
-        count % update_every == 0,
-        lambda: refreshed_state(state, params_for_masks, inner_state),
-        lambda: keep,
-      )
+      masks = refresh_now()
+    elif reset_inner_state_on_exit:
+      masks = jax.lax.cond(count % update_every == 0, refresh_now, keep)
+    else:  # Leave the optimizer state out of the conditional: no copy of it per step.
+      masks = jax.lax.cond(count % update_every == 0, lambda: refresh_now()[:4], lambda: keep()[:4])
+      masks = (*masks, inner_state)
     forward, backward, entered, changed, inner_state = masks
     return new_updates, TopKastState(
       count, forward, backward, entered, changed, penalty, inner_state
