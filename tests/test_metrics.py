@@ -1,0 +1,53 @@
+"""Metrics on a hand-built scenario whose values are known exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from topkast_jax import topkast, topkast_metrics
+
+
+def test_known_mask_dynamics_and_penalty():
+  lam = 0.01
+  w = jnp.arange(1.0, 11.0)[None, :]  # |A| = 2 (indices 8, 9), |B| = 5 (indices 5..9)
+  params = {'w': w, 'v': jnp.ones((2, 10)), 'bias': jnp.zeros(3)}
+  tx = topkast(forward_sparsity=0.8, backward_sparsity=0.5, update_every=1, exploration_l2=lam)
+  state = tx.init(params)
+  # Index 0 jumps from C into A, index 5 from B \ A into A: both old members of A leave it.
+  moved = w.at[0, 0].set(100.0).at[0, 5].set(50.0)
+  new_params = dict(params, w=moved)
+  _, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, new_params)
+  m = jax.device_get(topkast_metrics(state))
+
+  assert m['w/forward_density'] == pytest.approx(0.2)
+  assert m['w/backward_density'] == pytest.approx(0.5)
+  assert m['w/forward_change'] == pytest.approx(1.0)
+  assert m['w/entered_from_c'] == pytest.approx(0.1)  # only index 0 came from C
+  assert m['v/forward_change'] == pytest.approx(0.0)
+  # The penalty uses the masks in force for the update: A = {8, 9}, B \ A = {5, 6, 7}.
+  expected_w = 0.5 * lam * (9.0**2 + 10.0**2 + (50.0**2 + 7.0**2 + 8.0**2) / 0.2)
+  assert m['w/penalty'] == pytest.approx(expected_w, rel=1e-6)
+  expected_v = 0.5 * lam * (4 * 1.0 + 6 * 1.0 / 0.2)
+  assert m['penalty'] == pytest.approx(expected_w + expected_v, rel=1e-6)
+  # Overall values weight leaves by size (forward_change by |A|).
+  assert m['forward_density'] == pytest.approx(0.2)
+  assert m['forward_change'] == pytest.approx((1.0 * 2 + 0.0 * 4) / 6)
+  assert m['entered_from_c'] == pytest.approx(1 / 30)
+  assert int(m['sparse_weights']) == 30
+  assert not any(k.startswith('bias') for k in m)
+
+
+def test_overall_only():
+  params = {'w': jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)}
+  state = topkast(forward_sparsity=0.75, backward_sparsity=0.5).init(params)
+  m = topkast_metrics(state, per_leaf=False)
+  assert set(m) == {
+    'forward_density',
+    'backward_density',
+    'forward_change',
+    'entered_from_c',
+    'penalty',
+    'sparse_weights',
+  }
+  assert float(m['forward_density']) == pytest.approx(0.25)
