@@ -21,6 +21,7 @@ setuptools.setup(
     'optax',
     'tensorflow-datasets',
     'importlib_resources',  # tfds imports it at run time without declaring it
+    'matplotlib',
   ],
   extras_require={
     'test': ['pytest', 'ruff'],

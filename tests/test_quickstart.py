@@ -1,0 +1,39 @@
+"""The README's quickstart trains for real: Top-KAST learns Fashion-MNIST at 90% sparsity."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from topkast_jax.data.idx import DEBIAN_FASHION_MNIST_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(
+  not os.path.isdir(DEBIAN_FASHION_MNIST_DIR),
+  reason='Debian package dataset-fashion-mnist is not installed',
+)
+def test_one_epoch_learns_and_is_sparse(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'examples', 'quickstart_fashion_mnist.py'),
+      '--epochs=1',
+      f'--out_dir={tmp_path}',
+    ],
+    check=True,
+    env=env,
+    timeout=600,
+    capture_output=True,
+  )
+  results = json.loads((tmp_path / 'results.json').read_text())['results']
+  assert (tmp_path / 'accuracy.png').stat().st_size > 0
+  for method in ('dense', 'topkast'):
+    assert results[method]['final_test_accuracy'] > 0.75  # chance is 0.10
+  assert results['topkast']['kernel_forward_sparsity'] == pytest.approx(0.9, abs=1e-3)
+  assert results['dense']['kernel_forward_sparsity'] < 0.01
+  assert results['topkast']['topkast_metrics']['forward_density'] == pytest.approx(0.1, abs=1e-3)
