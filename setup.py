@@ -13,18 +13,23 @@ setuptools.setup(
   packages=setuptools.find_packages(include=['topkast_jax', 'topkast_jax.*']),
   install_requires=[
     'absl-py',
+    'array_record',
     'chex',
     'flax',
+    'grain',
     'jax',
     'ml-collections',
     'numpy',
     'optax',
+    'pillow',
     'tensorflow-datasets',
     'importlib_resources',  # tfds imports it at run time without declaring it
     'matplotlib',
   ],
   extras_require={
     'test': ['pytest', 'ruff'],
+    # Only to prepare ImageNet with TFDS's builder; every other data set prepares without it.
+    'tf': ['tensorflow'],
   },
   classifiers=[
     'License :: OSI Approved :: Apache Software License',
