@@ -1,0 +1,1 @@
+"""Training-loop pieces for the experiments: schedules, optimizers, steps, checkpoints, logs."""

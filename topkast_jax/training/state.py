@@ -1,0 +1,46 @@
+"""Train state and moving it onto and off the local devices."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import topkast_jax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: train steps done
+  params: Any  # dense parameters theta
+  batch_stats: Any  # BatchNorm running statistics ({} for models without)
+  opt_state: Any  # optimizer state (holds the Top-KAST masks under Top-KAST)
+  rng: jax.Array  # uint32 [2]: raw key data, so checkpoints hold plain arrays
+
+
+def forward_params(state: TrainState, sparse: bool):
+  """The parameters the network runs on: alpha under Top-KAST, theta otherwise."""
+  return topkast_jax.sparse_params(state.params, state.opt_state) if sparse else state.params
+
+
+def replicate(tree, num_devices: int):
+  """Copies of every leaf along a new leading device axis (host arrays, for pmap)."""
+  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))), tree)
+
+
+def unreplicate(tree):
+  """Device 0's copy of a pmapped tree, as host numpy arrays."""
+  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+
+
+def step_key(state: TrainState, axis_name: str | None = None) -> jax.Array:
+  """A fresh key per step (and per device when ``axis_name`` is given, for dropout)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  return key
+
+
+def new_rng(seed: int) -> jax.Array:
+  return jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
