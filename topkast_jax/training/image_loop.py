@@ -1,0 +1,169 @@
+"""``train_and_evaluate`` for image classification (ResNet on Fashion-MNIST, CIFAR, ImageNet)."""
+
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from topkast_jax.data import images
+from topkast_jax.training import classification, common, schedules
+from topkast_jax.training.checkpoint import Checkpointer
+from topkast_jax.training.logger import MetricLogger
+from topkast_jax.training.optimizer import make_optimizer
+from topkast_jax.training.state import TrainState, new_rng, replicate, unreplicate
+
+NUM_CLASSES = {'fashion_mnist': 10, 'cifar10': 10, 'imagenet2012': 1000}
+
+
+def image_spec(config) -> images.ImageSpec:
+  spec = images.SPECS[config.dataset]
+  if config.get('image_size', 0):  # smaller inputs for tests and quick runs
+    size = config.image_size
+    spec = dataclasses.replace(
+      spec, image_size=size, eval_resize=None if spec.eval_resize is None else size * 8 // 7
+    )
+  return spec
+
+
+def evaluate(p_eval, state, config, spec, devices) -> dict:
+  """Top-1 accuracy and loss over the whole test split, each example once."""
+  split = 'validation' if config.dataset == 'imagenet2012' else 'test'
+  totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  for batch in images.eval_batches(
+    common.open_split(config, split),
+    spec,
+    global_batch_size=config.eval_batch_size,
+    num_devices=len(devices),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
+    sums = jax.device_get(p_eval(state, batch))
+    for k in totals:
+      totals[k] += float(sums[k][0])
+  return {
+    'accuracy': totals['correct'] / totals['count'],
+    'loss': totals['loss'] / totals['count'],
+    'examples': totals['count'],
+  }
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates."""
+  devices = common.local_devices(config)
+  num_classes = NUM_CLASSES[config.dataset]
+  spec = image_spec(config)
+  train_source = common.open_split(config, 'train')
+  steps_per_epoch = len(train_source) // config.batch_size
+  total_steps = (
+    config.num_train_steps
+    if config.get('num_train_steps', -1) > 0
+    else int(config.num_epochs * steps_per_epoch)
+  )
+  train_data = images.train_dataset(
+    train_source,
+    spec,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    num_devices=len(devices),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+
+  model, overrides = common.build_model(config, num_classes)
+  variables = model.init(
+    jax.random.key(config.seed), jnp.zeros((1, spec.image_size, spec.image_size, len(spec.mean)))
+  )
+  schedule = schedules.from_config(config, steps_per_epoch, total_steps)
+  tx = make_optimizer(config, schedule, variables['params'], overrides)
+  sparse = config.method == 'topkast'
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables['params'],
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(variables['params']),
+    rng=new_rng(config.seed),
+  )
+  checkpointer = Checkpointer(
+    os.path.join(workdir, 'checkpoints'), config.get('max_checkpoints', 3)
+  )
+  state = common.restore(checkpointer, jax.device_get(state))
+  start = int(state.step)
+
+  p_train = jax.pmap(
+    functools.partial(
+      classification.train_step,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      num_classes=num_classes,
+      label_smoothing=config.label_smoothing,
+      sparse=sparse,
+    ),
+    axis_name=classification.AXIS,
+    devices=devices,
+    donate_argnums=(0,),
+  )
+  p_eval = jax.pmap(
+    functools.partial(classification.eval_step, model=model, sparse=sparse),
+    axis_name=classification.AXIS,
+    devices=devices,
+  )
+  state = replicate(state, len(devices))
+  logger = MetricLogger(workdir, total_steps, start, name=f'[{config.method}] ')
+  history, started = [], time.perf_counter()
+  prefetch = common.Prefetcher(train_data, start, total_steps)
+  eval_every = config.get('eval_every_steps', 0)
+  checkpoint_every = config.get('checkpoint_every_steps', 0)
+  try:
+    for step in range(start, total_steps):
+      state, metrics = p_train(state, prefetch.get(step))
+      if config.get('sync_every_step', False):  # multi-process CPU runs: see README
+        jax.block_until_ready(state)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        metrics = unreplicate(metrics)
+        logger.write(done, metrics, 'train')
+        logger.progress(done, metrics)
+        if sparse:
+          logger.write(
+            done, common.topkast_scalars(jax.tree.map(lambda x: x[0], state.opt_state)), 'topkast'
+          )
+      if (eval_every and done % eval_every == 0) or done == total_steps:
+        result = evaluate(p_eval, state, config, spec, devices)
+        logger.write(done, result, 'eval')
+        history.append({'step': done, **result})
+        if logger.active:
+          print(
+            f'[{config.method}] eval at step {done}: accuracy {result["accuracy"]:.4f} '
+            f'loss {result["loss"]:.4f} ({int(result["examples"])} examples)',
+            flush=True,
+          )
+      if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
+        checkpointer.save(done, {'state': unreplicate(state)})
+  finally:
+    prefetch.close()
+    logger.close()
+  checkpointer.close()
+
+  final = unreplicate(state)
+  results = {
+    'task': 'image_classification',
+    'dataset': config.dataset,
+    'method': config.method,
+    'steps': total_steps,
+    'resumed_from_step': start,
+    'train_seconds': time.perf_counter() - started,
+    'final_eval': history[-1] if history else evaluate(p_eval, state, config, spec, devices),
+    'forward_sparsity_measured': common.forward_sparsity(final.params, final.opt_state, sparse),
+    'history': history,
+    'config': config.to_dict(),
+  }
+  if sparse:
+    results['topkast_metrics'] = {
+      k: v for k, v in common.topkast_scalars(final.opt_state).items() if '/' not in k
+    }
+  common.write_results(workdir, results)
+  return results

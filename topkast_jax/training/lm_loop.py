@@ -1,0 +1,168 @@
+"""``train_and_evaluate`` for language modelling (Transformer-XL on enwik8, WikiText-103, sotu).
+
+Memories live on the devices as ``[devices, rows, mlen, d_model]`` per layer and are carried
+from step to step (training and evaluation separately). A checkpoint holds parameters,
+optimizer state, step (the data position) and RNG; after a restart the memories start empty,
+as at the start of training, so a resumed LM run is not bit-identical to an unbroken one.
+"""
+
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from topkast_jax.data import sources
+from topkast_jax.data.language_model import LanguageModelBatches
+from topkast_jax.data.text_builders import read_stream
+from topkast_jax.training import common, language_modeling, schedules
+from topkast_jax.training.checkpoint import Checkpointer
+from topkast_jax.training.logger import MetricLogger
+from topkast_jax.training.optimizer import make_optimizer
+from topkast_jax.training.state import TrainState, new_rng, replicate, unreplicate
+
+
+def empty_mems(model, rows_per_device: int, num_devices: int):
+  return tuple(
+    np.zeros((num_devices, rows_per_device, 0, model.d_model), np.float32)
+    for _ in range(model.n_layer)
+  )
+
+
+def evaluate(p_eval, state, model, config, split: str, devices) -> dict:
+  """Negative log-likelihood over every target token of ``split`` exactly once."""
+  tokens = read_stream(common.open_split(config, split))
+  batches = LanguageModelBatches(
+    tokens,
+    batch_size=config.eval_batch_size,
+    tgt_len=config.eval_tgt_len,
+    num_devices=len(devices),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    exact=True,
+  )
+  mems = empty_mems(
+    model, config.eval_batch_size // jax.process_count() // len(devices), len(devices)
+  )
+  nll = count = 0.0
+  for batch in batches:
+    mems, sums = p_eval(state, mems, batch)
+    sums = jax.device_get(sums)
+    nll, count = nll + float(sums['nll'][0]), count + float(sums['count'][0])
+  per_token = nll / count
+  return {
+    'nll': per_token,
+    'bits_per_token': per_token / math.log(2),
+    'perplexity': math.exp(min(per_token, 50.0)),
+    'tokens': count,
+  }
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  devices = common.local_devices(config)
+  train_tokens = read_stream(common.open_split(config, 'train'))  # prepares sotu if missing
+  vocab_size = sources.metadata(config.dataset, config.get('data_dir') or None)['vocabulary_size']
+  train_data = LanguageModelBatches(
+    train_tokens,
+    batch_size=config.batch_size,
+    tgt_len=config.tgt_len,
+    num_devices=len(devices),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  total_steps = config.num_train_steps
+
+  model, overrides = common.build_model(config, vocab_size)
+  eval_model = model.clone(mem_len=config.eval_mem_len)
+  variables = model.init(jax.random.key(config.seed), jnp.zeros((1, config.tgt_len), jnp.int32))
+  schedule = schedules.from_config(config, len(train_data), total_steps)
+  tx = make_optimizer(config, schedule, variables['params'], overrides)
+  sparse = config.method == 'topkast'
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables['params'],
+    batch_stats={},
+    opt_state=tx.init(variables['params']),
+    rng=new_rng(config.seed),
+  )
+  checkpointer = Checkpointer(
+    os.path.join(workdir, 'checkpoints'), config.get('max_checkpoints', 3)
+  )
+  state = common.restore(checkpointer, jax.device_get(state))
+  start = int(state.step)
+
+  axis = language_modeling.AXIS
+  p_train = jax.pmap(
+    functools.partial(
+      language_modeling.train_step, model=model, tx=tx, schedule=schedule, sparse=sparse
+    ),
+    axis_name=axis,
+    devices=devices,
+    donate_argnums=(0,),
+  )
+  p_eval = jax.pmap(
+    functools.partial(language_modeling.eval_step, model=eval_model, sparse=sparse),
+    axis_name=axis,
+    devices=devices,
+  )
+  state = replicate(state, len(devices))
+  rows = config.batch_size // jax.process_count() // len(devices)
+  mems = empty_mems(model, rows, len(devices))
+  logger = MetricLogger(workdir, total_steps, start, name=f'[{config.method}] ')
+  history, started = [], time.perf_counter()
+  eval_every = config.get('eval_every_steps', 0)
+  checkpoint_every = config.get('checkpoint_every_steps', 0)
+  try:
+    for step in range(start, total_steps):
+      state, mems, metrics = p_train(state, mems, train_data[step])
+      if config.get('sync_every_step', False):  # multi-process CPU runs: see README
+        jax.block_until_ready(state)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        metrics = unreplicate(metrics)
+        logger.write(done, metrics, 'train')
+        logger.progress(done, metrics)
+        if sparse:
+          logger.write(
+            done, common.topkast_scalars(jax.tree.map(lambda x: x[0], state.opt_state)), 'topkast'
+          )
+      if (eval_every and done % eval_every == 0) or done == total_steps:
+        result = evaluate(p_eval, state, eval_model, config, 'validation', devices)
+        logger.write(done, result, 'eval')
+        history.append({'step': done, **result})
+        if logger.active:
+          print(
+            f'[{config.method}] validation at step {done}: '
+            f'{result["bits_per_token"]:.4f} bits/token, perplexity '
+            f'{result["perplexity"]:.2f}',
+            flush=True,
+          )
+      if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
+        checkpointer.save(done, {'state': unreplicate(state)})
+  finally:
+    logger.close()
+  checkpointer.close()
+
+  final = unreplicate(state)
+  results = {
+    'task': 'language_modeling',
+    'dataset': config.dataset,
+    'method': config.method,
+    'steps': total_steps,
+    'resumed_from_step': start,
+    'train_seconds': time.perf_counter() - started,
+    'final_validation': history[-1] if history else None,
+    'test': evaluate(p_eval, state, eval_model, config, 'test', devices),
+    'forward_sparsity_measured': common.forward_sparsity(final.params, final.opt_state, sparse),
+    'history': history,
+    'config': config.to_dict(),
+  }
+  if sparse:
+    results['topkast_metrics'] = {
+      k: v for k, v in common.topkast_scalars(final.opt_state).items() if '/' not in k
+    }
+  common.write_results(workdir, results)
+  return results
