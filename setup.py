@@ -21,7 +21,9 @@ setuptools.setup(
     'ml-collections',
     'numpy',
     'optax',
+    'orbax-checkpoint',
     'pillow',
+    'tensorboardX',
     'tensorflow-datasets',
     'importlib_resources',  # tfds imports it at run time without declaring it
     'matplotlib',
