@@ -12,6 +12,7 @@ import topkast_jax
 from topkast_jax import models
 from topkast_jax.data import sources
 from topkast_jax.training.checkpoint import Checkpointer
+from topkast_jax.training.state import unreplicate
 
 # Data sets that prepare in seconds without a network; others must be prepared beforehand.
 AUTO_PREPARE = ('fashion_mnist', 'sotu')
@@ -140,3 +141,50 @@ def write_results(workdir: str, results: dict) -> None:
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2)
   os.replace(path + '.tmp', path)
+
+
+def due(done: int, every: int, total: int) -> bool:
+  """Whether a periodic action (every ``every`` steps, 0 = never, and at the end) runs now."""
+  return bool(every and done % every == 0) or done == total
+
+
+def log_train(logger, done: int, metrics, state, sparse: bool) -> None:
+  """Train metrics (pmapped) to every sink, and the Top-KAST mask metrics under Top-KAST."""
+  metrics = unreplicate(metrics)
+  logger.write(done, metrics, 'train')
+  logger.progress(done, metrics)
+  if sparse:
+    logger.write(done, topkast_scalars(jax.tree.map(lambda x: x[0], state.opt_state)), 'topkast')
+
+
+def summary(
+  config,
+  task: str,
+  total_steps: int,
+  start: int,
+  seconds: float,
+  history,
+  final_state,
+  sparse: bool,
+  **extra,
+) -> dict:
+  """The fields of ``results.json`` both tasks share, plus ``extra``."""
+  results = {
+    'task': task,
+    'dataset': config.dataset,
+    'method': config.method,
+    'steps': total_steps,
+    'resumed_from_step': start,
+    'train_seconds': seconds,
+    **extra,
+    'forward_sparsity_measured': forward_sparsity(
+      final_state.params, final_state.opt_state, sparse
+    ),
+    'history': history,
+    'config': config.to_dict(),
+  }
+  if sparse:
+    results['topkast_metrics'] = {
+      k: v for k, v in topkast_scalars(final_state.opt_state).items() if '/' not in k
+    }
+  return results

@@ -121,15 +121,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if config.get('sync_every_step', False):  # multi-process CPU runs: see README
         jax.block_until_ready(state)
       done = step + 1
-      if done % config.log_every_steps == 0 or done == total_steps:
-        metrics = unreplicate(metrics)
-        logger.write(done, metrics, 'train')
-        logger.progress(done, metrics)
-        if sparse:
-          logger.write(
-            done, common.topkast_scalars(jax.tree.map(lambda x: x[0], state.opt_state)), 'topkast'
-          )
-      if (eval_every and done % eval_every == 0) or done == total_steps:
+      if common.due(done, config.log_every_steps, total_steps):
+        common.log_train(logger, done, metrics, state, sparse)
+      if common.due(done, eval_every, total_steps):
         result = evaluate(p_eval, state, eval_model, config, 'validation', devices)
         logger.write(done, result, 'eval')
         history.append({'step': done, **result})
@@ -140,29 +134,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f'{result["perplexity"]:.2f}',
             flush=True,
           )
-      if (checkpoint_every and done % checkpoint_every == 0) or done == total_steps:
+      if common.due(done, checkpoint_every, total_steps):
         checkpointer.save(done, {'state': unreplicate(state)})
   finally:
     logger.close()
   checkpointer.close()
 
-  final = unreplicate(state)
-  results = {
-    'task': 'language_modeling',
-    'dataset': config.dataset,
-    'method': config.method,
-    'steps': total_steps,
-    'resumed_from_step': start,
-    'train_seconds': time.perf_counter() - started,
-    'final_validation': history[-1] if history else None,
-    'test': evaluate(p_eval, state, eval_model, config, 'test', devices),
-    'forward_sparsity_measured': common.forward_sparsity(final.params, final.opt_state, sparse),
-    'history': history,
-    'config': config.to_dict(),
-  }
-  if sparse:
-    results['topkast_metrics'] = {
-      k: v for k, v in common.topkast_scalars(final.opt_state).items() if '/' not in k
-    }
+  results = common.summary(
+    config,
+    'language_modeling',
+    total_steps,
+    start,
+    time.perf_counter() - started,
+    history,
+    unreplicate(state),
+    sparse,
+    final_validation=history[-1] if history else None,
+    test=evaluate(p_eval, state, eval_model, config, 'test', devices),
+  )
   common.write_results(workdir, results)
   return results
