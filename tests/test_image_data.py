@@ -100,39 +100,42 @@ def fake_source(n, shape=(6, 6, 1)):
 TINY = ImageSpec(mean=(0.0,), std=(1 / 255,), train_augment='pad_crop_flip', image_size=6, pad=1)
 
 
-def test_train_shards_disjoint_covering_and_epochs_are_permutations():
-  n, processes, batch = 48, 2, 8
-  seen = []
-  for p in range(processes):
-    ds = train_dataset(
-      fake_source(n),
-      TINY,
-      global_batch_size=batch * processes,
-      seed=3,
-      num_devices=2,
-      process_index=p,
-      process_count=processes,
+def test_train_global_batch_is_the_same_for_any_process_count_and_epochs_are_permutations():
+  n, batch = 48, 16
+  one = train_dataset(fake_source(n), TINY, global_batch_size=batch, seed=3, num_devices=8)
+  for processes in (2, 4):
+    shards = [
+      train_dataset(
+        fake_source(n),
+        TINY,
+        global_batch_size=batch,
+        seed=3,
+        num_devices=2,
+        process_index=p,
+        process_count=processes,
+      )
+      for p in range(processes)
+    ]
+    assert shards[0][0]['image'].shape == (2, batch // processes // 2, 6, 6, 1)
+    for step in (0, 1, 5):
+      for key in ('image', 'label'):  # process p holds rows [p*B/P, (p+1)*B/P) of the batch
+        joined = np.concatenate([s[step][key].reshape(batch // processes, -1) for s in shards])
+        np.testing.assert_array_equal(joined, one[step][key].reshape(batch, -1))
+  steps_per_epoch = n // batch
+  epochs = [
+    np.concatenate(
+      [one[s]['label'].ravel() for s in range(e * steps_per_epoch, (e + 1) * steps_per_epoch)]
     )
-    steps_per_epoch = (n // processes) // batch
-    epoch = [ds[s] for s in range(steps_per_epoch)]
-    labels = np.concatenate([b['label'].ravel() for b in epoch])
-    assert epoch[0]['image'].shape == (2, 4, 6, 6, 1)
-    assert sorted(labels) == list(range(p, n, processes))  # each shard example once an epoch
-    next_epoch = np.concatenate(
-      [ds[s]['label'].ravel() for s in range(steps_per_epoch, 2 * steps_per_epoch)]
-    )
-    assert sorted(next_epoch) == sorted(labels) and not np.array_equal(next_epoch, labels)
-    seen.extend(labels)
-  assert sorted(seen) == list(range(n))
-  again = train_dataset(
-    fake_source(n), TINY, global_batch_size=16, seed=3, num_devices=2, process_count=2
-  )
-  np.testing.assert_array_equal(
-    again[1]['image'],
-    train_dataset(
-      fake_source(n), TINY, global_batch_size=16, seed=3, num_devices=2, process_count=2
-    )[1]['image'],
-  )  # deterministic: resuming needs only the step
+    for e in range(2)
+  ]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(n))  # each example once an epoch
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled
+  again = train_dataset(fake_source(n), TINY, global_batch_size=batch, seed=3, num_devices=8)
+  np.testing.assert_array_equal(again[1]['image'], one[1]['image'])  # resuming needs only the step
+  other_seed = train_dataset(fake_source(n), TINY, global_batch_size=batch, seed=4, num_devices=8)
+  assert not np.array_equal(other_seed[0]['label'], one[0]['label'])
+  with pytest.raises(ValueError, match='fewer than one batch'):
+    train_dataset(fake_source(8), TINY, global_batch_size=16, seed=3, num_devices=8)
 
 
 @pytest.mark.parametrize('n, processes', [(50, 1), (50, 3), (7, 2)])

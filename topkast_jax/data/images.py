@@ -3,10 +3,11 @@
 Batches are dicts ``{'image': float32 [devices, per_device, h, w, c], 'label': int32
 [devices, per_device], 'mask': float32 [devices, per_device]}``.
 
-Training: process p reads examples ``p, p + P, p + 2P, ...`` of the split (disjoint, together
-covering it), shuffled with a seed, repeated for ever, augmented with per-example random
-numbers; ``train_dataset(...)[step]`` is the batch of that step (resuming needs only the
-step). Evaluation: process p reads a contiguous shard; every process yields the same number of
+Training: one seeded shuffle of the whole split (a new permutation each epoch), augmented with
+random numbers drawn from the seed and the example's position; the global batch of step s is
+positions ``[s*B, (s+1)*B)`` and process p reads and decodes only its rows
+``[p*B/P, (p+1)*B/P)``, so the global batch does not depend on how many processes share it.
+``train_dataset(...)[step]`` is the batch of that step (resuming needs only the step). Evaluation: process p reads a contiguous shard; every process yields the same number of
 batches (so collectives stay in step) and pads with ``mask == 0``: each example counts once.
 """
 
@@ -139,17 +140,18 @@ def train_dataset(
 ) -> grain.MapDataset:
   """Infinite, shuffled, augmented training batches; ``dataset[step]`` is step's batch."""
   local_batch = _check_batch(global_batch_size, num_devices, process_count)
-  shard = grain.MapDataset.source(source)[process_index::process_count]
-  if len(shard) < local_batch:
+  if len(source) < global_batch_size:
     raise ValueError(
-      f'process {process_index} holds {len(shard)} examples, fewer than one batch of {local_batch}.'
+      f'the split holds {len(source)} examples, fewer than one batch of {global_batch_size}.'
     )
+  # Batches of local_batch consecutive positions; step s of process p is batch s * P + p.
   return (
-    shard.seed(seed + process_index)
+    grain.MapDataset.source(source)
+    .seed(seed)
     .shuffle()
     .repeat()
     .random_map(lambda example, rng: preprocess_train(example, rng, spec))
-    .batch(local_batch, drop_remainder=True)
+    .batch(local_batch, drop_remainder=True)[process_index::process_count]
     .map(lambda batch: _per_device(batch, num_devices))
   )
 

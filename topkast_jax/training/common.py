@@ -12,7 +12,7 @@ import topkast_jax
 from topkast_jax import models
 from topkast_jax.data import sources
 from topkast_jax.training.checkpoint import Checkpointer
-from topkast_jax.training.state import unreplicate
+from topkast_jax.training.state import first_replica, unreplicate
 
 # Data sets that prepare in seconds without a network; others must be prepared beforehand.
 AUTO_PREPARE = ('fashion_mnist', 'sotu')
@@ -26,6 +26,14 @@ def local_devices(config):
       raise ValueError('num_devices limits devices only in single-process runs.')
     devices = devices[: config.num_devices]
   return devices
+
+
+def pmap_devices(devices):
+  """``devices`` for ``jax.pmap``: None (every device of every process) in multi-process runs.
+
+  Passing only the local devices there would make each process reduce over its own devices.
+  """
+  return None if jax.process_count() > 1 else devices
 
 
 def open_split(config, split):
@@ -154,7 +162,7 @@ def log_train(logger, done: int, metrics, state, sparse: bool) -> None:
   logger.write(done, metrics, 'train')
   logger.progress(done, metrics)
   if sparse:
-    logger.write(done, topkast_scalars(jax.tree.map(lambda x: x[0], state.opt_state)), 'topkast')
+    logger.write(done, topkast_scalars(first_replica(state.opt_state)), 'topkast')
 
 
 def summary(

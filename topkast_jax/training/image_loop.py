@@ -103,13 +103,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       sparse=sparse,
     ),
     axis_name=classification.AXIS,
-    devices=devices,
+    devices=common.pmap_devices(devices),
     donate_argnums=(0,),
   )
   p_eval = jax.pmap(
     functools.partial(classification.eval_step, model=model, sparse=sparse),
     axis_name=classification.AXIS,
-    devices=devices,
+    devices=common.pmap_devices(devices),
   )
   state = replicate(state, len(devices))
   logger = MetricLogger(workdir, total_steps, start, name=f'[{config.method}] ')

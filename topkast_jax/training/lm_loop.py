@@ -100,13 +100,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       language_modeling.train_step, model=model, tx=tx, schedule=schedule, sparse=sparse
     ),
     axis_name=axis,
-    devices=devices,
+    devices=common.pmap_devices(devices),
     donate_argnums=(0,),
   )
   p_eval = jax.pmap(
     functools.partial(language_modeling.eval_step, model=eval_model, sparse=sparse),
     axis_name=axis,
-    devices=devices,
+    devices=common.pmap_devices(devices),
   )
   state = replicate(state, len(devices))
   rows = config.batch_size // jax.process_count() // len(devices)

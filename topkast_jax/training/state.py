@@ -29,9 +29,24 @@ def replicate(tree, num_devices: int):
   return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))), tree)
 
 
+def first_replica(tree):
+  """The first local device's copy of a pmapped tree, left on that device.
+
+  Reads the shard itself: indexing the pmapped array (``x[0]``) would run a computation over all
+  local devices, with collectives that, across processes on CPU, can deadlock.
+  """
+
+  def first(x):
+    if isinstance(x, jax.Array):
+      return x.addressable_shards[0].data[0]
+    return np.asarray(x)[0]
+
+  return jax.tree.map(first, tree)
+
+
 def unreplicate(tree):
-  """Device 0's copy of a pmapped tree, as host numpy arrays."""
-  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+  """The first local device's copy of a pmapped tree, as host numpy arrays."""
+  return jax.device_get(first_replica(tree))
 
 
 def step_key(state: TrainState, axis_name: str | None = None) -> jax.Array:
