@@ -2,18 +2,14 @@
 
 import dataclasses
 import functools
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 
 from topkast_jax.data import images
-from topkast_jax.training import classification, common, schedules
-from topkast_jax.training.checkpoint import Checkpointer
-from topkast_jax.training.logger import MetricLogger
+from topkast_jax.training import classification, common, loop, schedules
 from topkast_jax.training.optimizer import make_optimizer
-from topkast_jax.training.state import TrainState, new_rng, replicate, unreplicate
+from topkast_jax.training.state import replicate, unreplicate
 
 NUM_CLASSES = {'fashion_mnist': 10, 'cifar10': 10, 'imagenet2012': 1000}
 
@@ -79,17 +75,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   schedule = schedules.from_config(config, steps_per_epoch, total_steps)
   tx = make_optimizer(config, schedule, variables['params'], overrides)
   sparse = config.method == 'topkast'
-  state = TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=variables['params'],
-    batch_stats=variables.get('batch_stats', {}),
-    opt_state=tx.init(variables['params']),
-    rng=new_rng(config.seed),
-  )
-  checkpointer = Checkpointer(
-    os.path.join(workdir, 'checkpoints'), config.get('max_checkpoints', 3)
-  )
-  state = common.restore(checkpointer, jax.device_get(state))
+  state, checkpointer = loop.initial_state(config, workdir, tx, variables)
   start = int(state.step)
 
   p_train = jax.pmap(
@@ -111,43 +97,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
     axis_name=classification.AXIS,
     devices=common.pmap_devices(devices),
   )
-  state = replicate(state, len(devices))
-  logger = MetricLogger(workdir, total_steps, start, name=f'[{config.method}] ')
-  history, started = [], time.perf_counter()
   prefetch = common.Prefetcher(train_data, start, total_steps)
-  eval_every = config.get('eval_every_steps', 0)
-  checkpoint_every = config.get('checkpoint_every_steps', 0)
   try:
-    for step in range(start, total_steps):
-      state, metrics = p_train(state, prefetch.get(step))
-      if config.get('sync_every_step', False):  # multi-process CPU runs: see README
-        jax.block_until_ready(state)
-      done = step + 1
-      if common.due(done, config.log_every_steps, total_steps):
-        common.log_train(logger, done, metrics, state, sparse)
-      if common.due(done, eval_every, total_steps):
-        result = evaluate(p_eval, state, config, spec, devices)
-        logger.write(done, result, 'eval')
-        history.append({'step': done, **result})
-        if logger.active:
-          print(
-            f'[{config.method}] eval at step {done}: accuracy {result["accuracy"]:.4f} '
-            f'loss {result["loss"]:.4f} ({int(result["examples"])} examples)',
-            flush=True,
-          )
-      if common.due(done, checkpoint_every, total_steps):
-        checkpointer.save(done, {'state': unreplicate(state)})
+    state, history, seconds = loop.train(
+      config,
+      workdir,
+      state=replicate(state, len(devices)),
+      start=start,
+      total_steps=total_steps,
+      train_step=lambda state, step: p_train(state, prefetch.get(step)),
+      evaluate=lambda state: evaluate(p_eval, state, config, spec, devices),
+      describe=lambda r: (
+        f'accuracy {r["accuracy"]:.4f} loss {r["loss"]:.4f} ({int(r["examples"])} examples)'
+      ),
+      eval_name='eval',
+      checkpointer=checkpointer,
+    )
   finally:
     prefetch.close()
-    logger.close()
-  checkpointer.close()
-
   results = common.summary(
     config,
     'image_classification',
     total_steps,
     start,
-    time.perf_counter() - started,
+    seconds,
     history,
     unreplicate(state),
     sparse,

@@ -8,8 +8,6 @@ as at the start of training, so a resumed LM run is not bit-identical to an unbr
 
 import functools
 import math
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +16,9 @@ import numpy as np
 from topkast_jax.data import sources
 from topkast_jax.data.language_model import LanguageModelBatches
 from topkast_jax.data.text_builders import read_stream
-from topkast_jax.training import common, language_modeling, schedules
-from topkast_jax.training.checkpoint import Checkpointer
-from topkast_jax.training.logger import MetricLogger
+from topkast_jax.training import common, language_modeling, loop, schedules
 from topkast_jax.training.optimizer import make_optimizer
-from topkast_jax.training.state import TrainState, new_rng, replicate, unreplicate
+from topkast_jax.training.state import replicate, unreplicate
 
 
 def empty_mems(model, rows_per_device: int, num_devices: int):
@@ -81,17 +77,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   schedule = schedules.from_config(config, len(train_data), total_steps)
   tx = make_optimizer(config, schedule, variables['params'], overrides)
   sparse = config.method == 'topkast'
-  state = TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=variables['params'],
-    batch_stats={},
-    opt_state=tx.init(variables['params']),
-    rng=new_rng(config.seed),
-  )
-  checkpointer = Checkpointer(
-    os.path.join(workdir, 'checkpoints'), config.get('max_checkpoints', 3)
-  )
-  state = common.restore(checkpointer, jax.device_get(state))
+  state, checkpointer = loop.initial_state(config, workdir, tx, variables)
   start = int(state.step)
 
   axis = language_modeling.AXIS
@@ -108,44 +94,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
     axis_name=axis,
     devices=common.pmap_devices(devices),
   )
-  state = replicate(state, len(devices))
   rows = config.batch_size // jax.process_count() // len(devices)
   mems = empty_mems(model, rows, len(devices))
-  logger = MetricLogger(workdir, total_steps, start, name=f'[{config.method}] ')
-  history, started = [], time.perf_counter()
-  eval_every = config.get('eval_every_steps', 0)
-  checkpoint_every = config.get('checkpoint_every_steps', 0)
-  try:
-    for step in range(start, total_steps):
-      state, mems, metrics = p_train(state, mems, train_data[step])
-      if config.get('sync_every_step', False):  # multi-process CPU runs: see README
-        jax.block_until_ready(state)
-      done = step + 1
-      if common.due(done, config.log_every_steps, total_steps):
-        common.log_train(logger, done, metrics, state, sparse)
-      if common.due(done, eval_every, total_steps):
-        result = evaluate(p_eval, state, eval_model, config, 'validation', devices)
-        logger.write(done, result, 'eval')
-        history.append({'step': done, **result})
-        if logger.active:
-          print(
-            f'[{config.method}] validation at step {done}: '
-            f'{result["bits_per_token"]:.4f} bits/token, perplexity '
-            f'{result["perplexity"]:.2f}',
-            flush=True,
-          )
-      if common.due(done, checkpoint_every, total_steps):
-        checkpointer.save(done, {'state': unreplicate(state)})
-  finally:
-    logger.close()
-  checkpointer.close()
 
+  def train_step(state, step):
+    nonlocal mems  # each device's memory follows its rows from step to step
+    state, mems, metrics = p_train(state, mems, train_data[step])
+    return state, metrics
+
+  state, history, seconds = loop.train(
+    config,
+    workdir,
+    state=replicate(state, len(devices)),
+    start=start,
+    total_steps=total_steps,
+    train_step=train_step,
+    evaluate=lambda state: evaluate(p_eval, state, eval_model, config, 'validation', devices),
+    describe=lambda r: f'{r["bits_per_token"]:.4f} bits/token, perplexity {r["perplexity"]:.2f}',
+    eval_name='validation',
+    checkpointer=checkpointer,
+  )
   results = common.summary(
     config,
     'language_modeling',
     total_steps,
     start,
-    time.perf_counter() - started,
+    seconds,
     history,
     unreplicate(state),
     sparse,
