@@ -48,6 +48,6 @@ def get_config():
   config.checkpoint_every_steps = 200
   config.max_checkpoints = 2
   config.num_devices = 0  # 0 = every local device
-  config.sync_every_step = False  # wait on every step (multi-process CPU runs)
+  config.sync_every_step = False  # wait on every step (always so in multi-process CPU runs)
   config.seed = 0
   return config

@@ -56,6 +56,6 @@ def get_config(variant: str = 'large'):
   config.checkpoint_every_steps = 5_000
   config.max_checkpoints = 3
   config.num_devices = 0
-  config.sync_every_step = False  # wait on every step (multi-process CPU runs)
+  config.sync_every_step = False  # wait on every step (always so in multi-process CPU runs)
   config.seed = 0
   return config

@@ -50,6 +50,6 @@ def get_config():
   config.checkpoint_every_steps = 500
   config.max_checkpoints = 2
   config.num_devices = 0
-  config.sync_every_step = False  # wait on every step (multi-process CPU runs)
+  config.sync_every_step = False  # wait on every step (always so in multi-process CPU runs)
   config.seed = 0
   return config

@@ -208,7 +208,6 @@ def test_two_processes_equal_one_process(name, data_dir, tmp_path):
     '--config.log_every_steps=1',
     '--config.eval_every_steps=0',
     '--config.checkpoint_every_steps=0',
-    '--config.sync_every_step=True',
     *MULTIHOST_OVERRIDES[name],
   ]
 

@@ -52,10 +52,14 @@ def train(
   history, started = [], time.perf_counter()
   eval_every = config.get('eval_every_steps', 0)
   checkpoint_every = config.get('checkpoint_every_steps', 0)
+  # Cross-process CPU collectives can hang when steps are dispatched without waiting.
+  sync = config.get('sync_every_step', False) or (
+    jax.process_count() > 1 and jax.default_backend() == 'cpu'
+  )
   try:
     for step in range(start, total_steps):
       state, metrics = train_step(state, step)
-      if config.get('sync_every_step', False):  # multi-process CPU runs: see README
+      if sync:
         jax.block_until_ready(state)
       done = step + 1
       if common.due(done, config.log_every_steps, total_steps):
