@@ -1,4 +1,4 @@
-"""What both experiment loops share: devices, data, models, sparsity, checkpoints, results."""
+"""What both experiment loops share: devices, data, models, sparsity, results."""
 
 import concurrent.futures
 import json
@@ -11,7 +11,6 @@ import numpy as np
 import topkast_jax
 from topkast_jax import models
 from topkast_jax.data import sources
-from topkast_jax.training.checkpoint import Checkpointer
 from topkast_jax.training.state import first_replica, unreplicate
 
 # Data sets that prepare in seconds without a network; others must be prepared beforehand.
@@ -91,12 +90,6 @@ def build_model(config, num_outputs: int, bn_axis_name: str | None = 'batch'):
     )
     return model, models.transformer_xl_sparsity()
   raise ValueError(f'unknown model.name {m.name!r}; use resnet18/34/50/101 or transformer_xl.')
-
-
-def restore(checkpointer: Checkpointer, state):
-  """The latest checkpoint's state (host arrays) or ``state`` when there is none."""
-  restored = checkpointer.restore_latest({'state': state})
-  return state if restored is None else restored['state']
 
 
 def forward_sparsity(params, opt_state, sparse: bool) -> dict:

@@ -22,10 +22,12 @@ def initial_state(config, workdir: str, tx, variables) -> tuple[TrainState, Chec
     opt_state=tx.init(variables['params']),
     rng=new_rng(config.seed),
   )
+  state = jax.device_get(state)
   checkpointer = Checkpointer(
     os.path.join(workdir, 'checkpoints'), config.get('max_checkpoints', 3)
   )
-  return common.restore(checkpointer, jax.device_get(state)), checkpointer
+  restored = checkpointer.restore_latest({'state': state})
+  return (state if restored is None else restored['state']), checkpointer
 
 
 def train(
@@ -74,5 +76,5 @@ def train(
         checkpointer.save(done, {'state': unreplicate(state)})
   finally:
     logger.close()
-  checkpointer.close()
+    checkpointer.close()
   return state, history, time.perf_counter() - started
