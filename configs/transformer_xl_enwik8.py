@@ -32,6 +32,8 @@ def get_config(variant: str = 'large'):
       pre_norm=False,
       mem_len=2304,
       untie_r=True,
+      cutoffs=(),  # adaptive softmax cluster boundaries; () = one plain softmax
+      div_val=1,
     )
   )
 
@@ -40,7 +42,9 @@ def get_config(variant: str = 'large'):
     dict(forward=0.8, backward=0.0, update_every=100, exploration_l2=0.0, distribution='uniform')
   )
 
-  config.optimizer = ml_collections.ConfigDict(dict(name='adam', clip_norm=0.25, weight_decay=0.0))
+  config.optimizer = ml_collections.ConfigDict(
+    dict(name='adam', b1=0.9, b2=0.999, clip_norm=0.25, weight_decay=0.0)
+  )
   config.schedule = ml_collections.ConfigDict(
     dict(name='warmup_cosine', init_lr=1e-7, peak_lr=2e-4, warmup_steps=4000, end_lr=0.0)
   )

@@ -26,6 +26,8 @@ def get_config():
       pre_norm=False,
       mem_len=128,
       untie_r=True,
+      cutoffs=(),  # adaptive softmax cluster boundaries; () = one plain softmax
+      div_val=1,
     )
   )
 
@@ -34,7 +36,9 @@ def get_config():
     dict(forward=0.8, backward=0.0, update_every=100, exploration_l2=0.0, distribution='uniform')
   )
 
-  config.optimizer = ml_collections.ConfigDict(dict(name='adam', clip_norm=0.25, weight_decay=0.0))
+  config.optimizer = ml_collections.ConfigDict(
+    dict(name='adam', b1=0.9, b2=0.999, clip_norm=0.25, weight_decay=0.0)
+  )
   config.schedule = ml_collections.ConfigDict(
     dict(name='warmup_cosine', init_lr=1e-7, peak_lr=5e-4, warmup_steps=200, end_lr=0.0)
   )

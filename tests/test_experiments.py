@@ -1,6 +1,5 @@
 """The experiment driver: every config runs, resume is bit-exact, pmap and multi-host agree."""
 
-import importlib
 import json
 import os
 import signal
@@ -8,72 +7,17 @@ import socket
 import subprocess
 import sys
 import time
-import zipfile
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from experiment_utils import TINY_TXL, assert_same, final_params, tiny_config
 
 from topkast_jax.data import sources
-from topkast_jax.training import checkpoint as checkpoint_lib
-from topkast_jax.training import common
 from topkast_jax.training.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RESNET = dict(width=4)
-TINY_TXL = dict(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=8)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  """Tiny real-format copies of the data sets that can be prepared offline."""
-  from test_image_data import write_fashion_mnist
-  from test_text_data import write_wikitext
-
-  root = tmp_path_factory.mktemp('data')
-  data_dir = str(root / 'tfds')
-  write_fashion_mnist(str(root), n_train=64, n_test=20)
-  sources.prepare('fashion_mnist', data_dir, idx_dir=str(root))
-  text = ('The quick brown fox jumps over the lazy dog. ' * 400).encode()
-  with zipfile.ZipFile(root / 'enwik8.zip', 'w') as archive:
-    archive.writestr('enwik8', text)
-  sources.prepare('enwik8', data_dir, source=str(root / 'enwik8.zip'), num_test_bytes=1500)
-  write_wikitext(str(root / 'wikitext-103'))
-  for name in ('wiki.train.tokens', 'wiki.valid.tokens', 'wiki.test.tokens'):
-    path = root / 'wikitext-103' / name
-    path.write_text(path.read_text() * 40)
-  sources.prepare('wikitext103', data_dir, source=str(root / 'wikitext-103'))
-  speeches = root / 'speeches'
-  speeches.mkdir()
-  for i in range(40):
-    (speeches / f'{1900 + i}-X-1.txt').write_text(f'Address {i}: the state of the union. ' * 30)
-  sources.prepare('sotu', data_dir, source=str(speeches))
-  return data_dir
-
-
-def tiny_config(name, data_dir, steps=1):
-  module, _, variant = name.partition(':')
-  config = importlib.import_module(f'configs.{module}').get_config(*([variant] if variant else []))
-  config.data_dir = data_dir
-  config.num_train_steps = steps
-  config.log_every_steps = 1
-  config.eval_every_steps = 0
-  config.checkpoint_every_steps = 0
-  config.batch_size = config.eval_batch_size = 8
-  if config.task == 'image_classification':
-    config.model.update(TINY_RESNET)
-    config.half_precision = False
-    if config.dataset == 'imagenet2012':
-      config.image_size = 32
-  else:
-    config.model.update(TINY_TXL)
-    config.tgt_len = config.eval_tgt_len = config.eval_mem_len = 8
-    if config.model.get('cutoffs'):
-      config.model.cutoffs = (4, 8)
-      config.model.div_val = 2
-  return config
 
 
 CONFIGS = [
@@ -94,7 +38,7 @@ def test_every_config_runs_a_train_and_eval_step(name, data_dir, tmp_path, monke
     mock = tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE)
     mock.__enter__()
     monkeypatch.setattr(
-      common.sources,
+      sources,
       'data_source',
       lambda name, split, data_dir=None: tfds.data_source(name, split=split),
     )
@@ -118,42 +62,6 @@ def test_every_config_runs_a_train_and_eval_step(name, data_dir, tmp_path, monke
     assert np.isfinite(results['test']['bits_per_token'])
     assert results['test']['tokens'] > 0
   assert os.listdir(tmp_path / 'tensorboard')
-
-
-def final_params(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
-  manager.close()
-  return restored['state']['params']
-
-
-def assert_same(a, b, exact=True, rtol=1e-5):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    if exact:
-      np.testing.assert_array_equal(x, y)
-    else:
-      np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6)
-
-
-def test_resume_after_crash_is_bit_identical(data_dir, tmp_path, monkeypatch):
-  config = tiny_config('resnet_fashion_mnist', data_dir, steps=6)
-  config.checkpoint_every_steps = 3
-  train_and_evaluate(config, str(tmp_path / 'straight'))
-
-  real_save = checkpoint_lib.Checkpointer.save
-
-  def save_then_crash(self, step, tree):
-    real_save(self, step, tree)
-    if step == 3:
-      raise KeyboardInterrupt('simulated crash after the step-3 checkpoint')
-
-  monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', save_then_crash)
-  with pytest.raises(KeyboardInterrupt):
-    train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', real_save)
-  results = train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert results['resumed_from_step'] == 3
-  assert_same(final_params(str(tmp_path / 'straight')), final_params(str(tmp_path / 'resumed')))
 
 
 def test_eight_devices_equal_one_device_on_the_same_global_batch(data_dir, tmp_path):

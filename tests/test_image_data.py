@@ -191,7 +191,10 @@ def test_pipelines_on_tfds_mock_data(name, shape):
 def test_missing_data_set_says_how_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
     sources.data_source('fashion_mnist', 'train', str(tmp_path))
-  with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
+  with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar') as e:
     sources.data_source('imagenet2012', 'train', str(tmp_path))
+  assert f'prepare imagenet2012 --data_dir {tmp_path}`' in str(e.value)  # the dir in use
+  with pytest.raises(FileNotFoundError, match=f'prepare cifar10 --data_dir {tmp_path}`'):
+    sources.open_split('cifar10', 'train', str(tmp_path))  # not offline: never auto-prepared
   with pytest.raises(ValueError, match="unknown data set 'mnist'"):
     sources.prepare('mnist', str(tmp_path))

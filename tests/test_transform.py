@@ -420,7 +420,7 @@ def test_link_form_in_chain_keeps_c_fixed_under_plain_sgd():
     ),
     (
       dict(forward_sparsity=0.8, backward_sparsity=0.5, update_every=0),
-      'update_every must be >= 1, got 0',
+      r'update_every must be in \[1, 2\*\*31\) \(an int32 step count\), got 0',
     ),
     (
       dict(forward_sparsity=0.8, backward_sparsity=0.5, update_every=2.5),
@@ -428,7 +428,17 @@ def test_link_form_in_chain_keeps_c_fixed_under_plain_sgd():
     ),
     (
       dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=-1e-4),
-      'exploration_l2 must be >= 0, got -0.0001',
+      'exploration_l2 must be finite and >= 0, got -0.0001',
+    ),
+    (
+      dict(forward_sparsity=0.8, backward_sparsity=0.5, update_every=2**31),
+      r'update_every must be in \[1, 2\*\*31\)',
+    ),
+    (dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=float('nan')), 'got nan'),
+    (dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2=np.inf), 'got inf'),
+    (
+      dict(forward_sparsity=0.8, backward_sparsity=0.5, exploration_l2='1e-4'),
+      "exploration_l2 must be a number or a scalar array, got '1e-4'",
     ),
     (
       dict(forward_sparsity=jnp.array(0.8), backward_sparsity=0.5),
@@ -461,3 +471,35 @@ def test_bad_input_raises_at_init_or_update():
     tx.update(jax.tree.map(jnp.zeros_like, params), state)
   with pytest.raises(ValueError, match='exactly one TopKastState'):
     sparse_params(params, optax.sgd(0.1).init(params))
+
+
+def test_more_bad_input_gets_clear_errors():
+  tx = topkast(optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.5)
+  with pytest.raises(ValueError, match=r"'tiny/kernel' has 2 entries.*= 0 weights.*dense"):
+    tx.init({'tiny': {'kernel': jnp.ones((1, 2))}})
+  with pytest.raises(ValueError, match="'conv_0\\[' is not a valid regular expression"):
+    topkast(
+      optax.sgd(0.1), forward_sparsity=FWD, backward_sparsity=BWD, sparsity={'conv_0[': 0}
+    ).init(init_params())
+
+
+def test_empty_params_give_an_empty_state_like_optax():
+  tx = topkast(optax.sgd(0.1, momentum=0.9), forward_sparsity=FWD, backward_sparsity=BWD)
+  state = tx.init({})
+  updates, state = tx.update({}, state, {})
+  assert updates == {} and int(state.count) == 1
+
+
+def test_link_form_stays_finite_with_inf_weights_outside_b():
+  params = init_params()
+  tx = topkast(forward_sparsity=FWD, backward_sparsity=BWD, exploration_l2=1e-3)
+  state = tx.init(params)
+  c = ~np.asarray(state.backward_mask['hidden']['kernel'])
+  kernel = np.asarray(params['hidden']['kernel']).copy()
+  kernel[np.argwhere(c)[0][0], np.argwhere(c)[0][1]] = np.inf  # a weight in C
+  params = {**params, 'hidden': {**params['hidden'], 'kernel': jnp.asarray(kernel)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = tx.update(grads, state, params)
+  assert np.isfinite(np.asarray(updates['hidden']['kernel'])).all()
+  np.testing.assert_array_equal(np.asarray(updates['hidden']['kernel'])[c], 0.0)
+  assert np.isfinite(float(state.penalty['hidden']['kernel']))

@@ -49,9 +49,10 @@ def restrict_and_regularise(grads, params, forward_mask, backward_mask, specs, e
       new_grads.append(restricted)
       penalties.append(jnp.zeros((), jnp.float32))
       continue
-    weighted = exploration_l2 * penalty_scale(a, b, spec) * p.astype(jnp.float32)
+    on_b = jnp.where(b, p, jnp.zeros_like(p)).astype(jnp.float32)  # no 0 * inf from C
+    weighted = exploration_l2 * penalty_scale(a, b, spec) * on_b
     new_grads.append(restricted + weighted.astype(g.dtype))
-    penalties.append(0.5 * jnp.sum(weighted * p.astype(jnp.float32)))
+    penalties.append(0.5 * jnp.sum(weighted * on_b))
   return (
     jax.tree_util.tree_unflatten(treedef, new_grads),
     jax.tree_util.tree_unflatten(treedef, penalties),

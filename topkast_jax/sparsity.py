@@ -152,7 +152,13 @@ def resolve_sparsities(
 
   patterns = {}
   if isinstance(sparsity, Mapping):
-    patterns = {regex: re.compile(regex) for regex in sparsity}
+    for regex in sparsity:
+      try:
+        patterns[regex] = re.compile(regex)
+      except (re.error, TypeError) as e:
+        raise ValueError(
+          f'sparsity override {regex!r} is not a valid regular expression: {e}.'
+        ) from e
     for regex, pattern in patterns.items():
       if not any(pattern.search(n) for n in names):
         shown = ', '.join(names[:20]) + (', ...' if len(names) > 20 else '')
@@ -187,4 +193,12 @@ def resolve_sparsities(
   ratio = (1.0 - backward_sparsity) / (1.0 - forward_sparsity)
   for i, d in zip(default, densities):
     result[i] = LeafSparsity(1.0 - d, max(0.0, 1.0 - min(1.0, d * ratio)))
+  for name, (_, leaf), r in zip(names, leaves_with_paths, result):
+    size = int(np.prod(np.shape(leaf)))
+    if r.forward > 0 and r.counts(size)[0] == 0:
+      raise ValueError(
+        f'parameter {name!r} has {size} entries: at forward sparsity {r.forward:g} it would keep '
+        f'round({r.forward_density:g} x {size}) = 0 weights and never train. Mark it dense '
+        f'(sparsity={{{name!r}: False}}) or give it a lower sparsity.'
+      )
   return [r if r.forward > 0 else None for r in result]

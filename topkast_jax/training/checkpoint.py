@@ -1,26 +1,56 @@
-"""Checkpoints with orbax: atomic (written to a temporary folder, then renamed), latest kept."""
+"""Checkpoints with orbax: atomic, tagged with the run they belong to, and read defensively.
 
+Each checkpoint holds the train state, the task's carry (Transformer-XL memories; absent for
+image tasks) and the run's identity (the config without the fields a resume may change). A
+resume refuses a checkpoint of a different run, and skips an unreadable checkpoint (moved
+aside as ``unreadable_<step>``, with a warning) for the newest one that restores.
+"""
+
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
+# Fields a resumed run may change: how long, how often, where from, on how many devices.
+RESUMABLE = set(
+  'data_dir prepare_data num_train_steps num_epochs log_every_steps eval_every_steps '
+  'checkpoint_every_steps max_checkpoints num_devices sync_every_step eval_batch_size '
+  'eval_tgt_len eval_mem_len'.split()
+)
+
+
+def run_identity(config) -> dict:
+  """The config as flat ``{'a.b': value}``, without the `RESUMABLE` fields."""
+
+  def flat(d, prefix=''):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from flat(v, f'{prefix}{k}.')
+      elif f'{prefix}{k}' not in RESUMABLE:
+        yield f'{prefix}{k}', list(v) if isinstance(v, tuple) else v
+
+  return dict(flat(config.to_dict()))
+
+
+class RunMismatchError(ValueError):
+  """The workdir's checkpoints belong to a run with other settings."""
+
 
 class Checkpointer:
-  """Saves and restores a host-side pytree (the unreplicated train state) by step.
+  """Saves and restores host-side pytrees by step; process 0 writes, every process reads.
 
-  The state is replicated, so process 0 alone writes it; every process reads it back from the
-  shared directory. Each process's manager involves only itself, so no cross-process barrier
-  runs (orbax's barrier is a device all-gather, which hangs over CPU collectives).
+  Each process's manager involves only itself, so no cross-process barrier runs (orbax's
+  barrier is a device all-gather, which hangs over CPU collectives).
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 3):
+  def __init__(self, directory: str, max_to_keep: int, run: dict):
     me = jax.process_index()
-    self._writer = me == 0
+    self.directory, self.run, self._writer = os.path.abspath(directory), run, me == 0
     if self._writer:
-      os.makedirs(directory, exist_ok=True)
+      os.makedirs(self.directory, exist_ok=True)
     self._manager = ocp.CheckpointManager(
-      os.path.abspath(directory),
+      self.directory,
       options=ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=False,
@@ -30,23 +60,67 @@ class Checkpointer:
       ),
     )
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
-  def save(self, step: int, tree) -> None:
-    """Saves ``tree`` at ``step`` (process 0) and waits, so a saved step is complete on disk."""
+  def save(self, step: int, state, carry=None) -> None:
+    """Saves at ``step`` (process 0) and waits, so a saved step is complete on disk."""
     if not self._writer:
       return
-    self._manager.save(int(step), args=ocp.args.StandardSave(tree))
+    items = dict(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(self.run))
+    if carry is not None:
+      items['carry'] = ocp.args.StandardSave(carry)
+    self._manager.save(int(step), args=ocp.args.Composite(**items))
     self._manager.wait_until_finished()
 
-  def restore_latest(self, template):
-    """The latest checkpoint shaped like ``template``, or None when there is none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  def _check_run(self, step: int) -> None:
+    saved = self._manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))['run']
+    get = lambda run, k: run.get(k, '(absent)')  # noqa: E731
+    differ = [k for k in sorted(set(saved) | set(self.run)) if get(saved, k) != get(self.run, k)]
+    if differ:
+      shown = '; '.join(
+        f'{k}: checkpoint {get(saved, k)!r}, config {get(self.run, k)!r}' for k in differ
+      )
+      raise RunMismatchError(
+        f'{self.directory} holds checkpoints of a different run (step {step}): {shown}. Resume '
+        f'with the same settings, or start afresh with another --workdir (or remove {self.directory}).'
+      )
+
+  def restore(self, state_template, with_carry: bool):
+    """``(step, state, carry)`` of the newest checkpoint that restores, or None without one.
+
+    Raises:
+      RunMismatchError: the checkpoint belongs to a run with other settings.
+      RuntimeError: checkpoints exist but none can be restored.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
+    for step in steps:
+      try:
+        self._check_run(step)
+        items = dict(state=ocp.args.StandardRestore(abstract))
+        if with_carry:
+          items['carry'] = ocp.args.StandardRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return step, restored['state'], restored['carry'] if with_carry else None
+      except RunMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
+        self._set_aside(step, e)
+    if steps:
+      raise RuntimeError(
+        f'none of the checkpoints in {self.directory} (steps {steps}) can be restored; they '
+        f'were moved aside as unreadable_<step>. Start afresh with another --workdir, or '
+        f'remove them: rm -rf {self.directory}'
+      )
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    path, aside = (os.path.join(self.directory, f'{p}{step}') for p in ('', 'unreadable_'))
+    while os.path.exists(aside):
+      aside += '_'
+    reason = f'{type(error).__name__}: {str(error)[:300]}'
+    logging.warning(f'checkpoint {path} cannot be restored ({reason}); moved to {aside}.')
+    if self._writer and os.path.exists(path):
+      os.replace(path, aside)
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()

@@ -9,16 +9,28 @@ import numpy as np
 
 
 def _format_seconds(seconds: float) -> str:
-  seconds = int(seconds)
-  return (
-    f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
-    if seconds >= 3600
-    else f'{seconds // 60}m{seconds % 60:02d}s'
-  )
+  hours, rest = divmod(int(seconds), 3600)
+  return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Removes rows past ``step`` (written before a crash, replayed after the resume)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    rows = f.readlines()
+  kept = [r for r in rows if r.endswith('\n') and json.loads(r)['step'] <= step]
+  if len(kept) < len(rows):
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
 
 
 class MetricLogger:
-  """Writes scalars to ``workdir/metrics.jsonl`` and ``workdir/tensorboard``; prints progress."""
+  """Writes scalars to ``workdir/metrics.jsonl`` and ``workdir/tensorboard``; prints progress.
+
+  Rows of ``metrics.jsonl`` past ``start_step`` (steps a resumed run replays) are dropped.
+  """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0, name: str = ''):
     self.active = jax.process_index() == 0
@@ -27,7 +39,9 @@ class MetricLogger:
     self._jsonl = self._tensorboard = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _drop_rows_after(path, start_step)
+      self._jsonl = open(path, 'a', encoding='utf-8')
       try:
         from tensorboardX import SummaryWriter
 
@@ -45,6 +59,11 @@ class MetricLogger:
       for k, v in values.items():
         self._tensorboard.add_scalar(k, v, int(step))
       self._tensorboard.flush()
+
+  def say(self, text: str) -> None:
+    """A console line (process 0)."""
+    if self.active:
+      print(text, flush=True)
 
   def progress(self, step: int, scalars: dict) -> None:
     """One console line: step, steps/s, ETA and the given scalars."""

@@ -26,19 +26,6 @@ def stepwise_with_warmup(
   return schedule
 
 
-def warmup_cosine(
-  *, init_lr: float, peak_lr: float, warmup_steps: int, total_steps: int, end_lr: float = 0.0
-) -> optax.Schedule:
-  """Transformer-XL recipe: linear warm-up from ``init_lr`` to ``peak_lr``, cosine to end."""
-  return optax.warmup_cosine_decay_schedule(
-    init_value=init_lr,
-    peak_value=peak_lr,
-    warmup_steps=warmup_steps,
-    decay_steps=max(total_steps, warmup_steps + 1),
-    end_value=end_lr,
-  )
-
-
 def from_config(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """The schedule named by ``config.schedule.name``."""
   s = config.schedule
@@ -50,12 +37,9 @@ def from_config(config, steps_per_epoch: int, total_steps: int) -> optax.Schedul
       warmup_epochs=s.warmup_epochs,
       decay_epochs=s.decay_epochs,
     )
-  if s.name == 'warmup_cosine':
-    return warmup_cosine(
-      init_lr=s.init_lr,
-      peak_lr=s.peak_lr,
-      warmup_steps=s.warmup_steps,
-      total_steps=total_steps,
-      end_lr=s.get('end_lr', 0.0),
+  if s.name == 'warmup_cosine':  # the Transformer-XL recipe
+    decay_steps = max(total_steps, s.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(
+      s.init_lr, s.peak_lr, s.warmup_steps, decay_steps, end_value=s.end_lr
     )
   raise ValueError(f"schedule.name must be 'stepwise' or 'warmup_cosine', got {s.name!r}.")

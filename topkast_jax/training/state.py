@@ -1,4 +1,4 @@
-"""Train state and moving it onto and off the local devices."""
+"""Train state, the devices it lives on, and moving it onto and off them."""
 
 from typing import Any
 
@@ -6,8 +6,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import topkast_jax
+
+AXIS = 'batch'  # the pmapped device axis of every step
 
 
 @flax.struct.dataclass
@@ -22,6 +25,39 @@ class TrainState:
 def forward_params(state: TrainState, sparse: bool):
   """The parameters the network runs on: alpha under Top-KAST, theta otherwise."""
   return topkast_jax.sparse_params(state.params, state.opt_state) if sparse else state.params
+
+
+def apply_gradients(state: TrainState, grads, tx, **changes) -> TrainState:
+  """Averages ``grads`` over devices and applies ``tx``: the next step's state."""
+  updates, opt_state = tx.update(jax.lax.pmean(grads, AXIS), state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, **changes)
+
+
+def data_layout(devices) -> dict:
+  """How this process's share of a global batch is split: the pipelines' layout arguments."""
+  count, index = jax.process_count(), jax.process_index()
+  return dict(num_devices=len(devices), process_index=index, process_count=count)
+
+
+def local_devices(config):
+  """The devices this process feeds (``config.num_devices`` > 0 limits it, single-process)."""
+  devices = jax.local_devices()
+  if config.num_devices:
+    if jax.process_count() > 1:
+      raise ValueError(
+        'config.num_devices limits devices only in single-process runs; set it to 0.'
+      )
+    devices = devices[: config.num_devices]
+  return devices
+
+
+def pmap_devices(devices):
+  """``devices`` for ``jax.pmap``: None (every device of every process) in multi-process runs.
+
+  Passing only the local devices there would make each process reduce over its own devices.
+  """
+  return None if jax.process_count() > 1 else devices
 
 
 def replicate(tree, num_devices: int):

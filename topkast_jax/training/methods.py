@@ -1,0 +1,56 @@
+"""The training method of an experiment, chosen once from ``config.method``."""
+
+from typing import NamedTuple
+
+import jax
+import optax
+
+import topkast_jax
+
+
+class Method(NamedTuple):
+  tx: optax.GradientTransformation  # the whole optimizer, method included
+  sparse: bool  # the network runs on topkast_jax.sparse_params(params, opt_state)
+
+
+def _inner(config, schedule):
+  o = config.optimizer
+  if o.name == 'sgd':
+    return optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov)
+  return optax.adam(schedule, b1=o.b1, b2=o.b2)
+
+
+def build(config, schedule, params, sparsity_overrides=None) -> Method:
+  """The optimizer for ``config.method`` ('dense' or 'topkast'), and whether it is sparse.
+
+  Weight decay (``config.optimizer.weight_decay``, coupled like the paper's L2 term) applies to
+  kernels (ndim >= 2). Under Top-KAST the sparse kernels get the exploration penalty
+  (``config.sparsity.exploration_l2``) instead, and weight decay only reaches the kernels that
+  stay dense. Gradient clipping (``config.optimizer.clip_norm`` > 0) comes first.
+  """
+  s, sparse = config.sparsity, config.method == 'topkast'
+  specs = [None] * len(jax.tree.leaves(params))
+  if sparse:
+    specs = topkast_jax.resolve_sparsities(
+      params, s.forward, s.backward, sparsity_overrides, s.distribution
+    )
+  decay_mask = jax.tree.unflatten(
+    jax.tree.structure(params),
+    [x.ndim >= 2 and spec is None for x, spec in zip(jax.tree.leaves(params), specs)],
+  )
+  tx = _inner(config, schedule)
+  if config.optimizer.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(config.optimizer.weight_decay, decay_mask), tx)
+  if sparse:
+    tx = topkast_jax.topkast(
+      tx,
+      forward_sparsity=s.forward,
+      backward_sparsity=s.backward,
+      update_every=s.update_every,
+      exploration_l2=s.exploration_l2,
+      sparsity=sparsity_overrides,
+      distribution=s.distribution,
+    )
+  if config.optimizer.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.optimizer.clip_norm), tx)
+  return Method(tx, sparse)

@@ -1,0 +1,67 @@
+"""What a run reports: measured sparsity, the method's mask metrics, and ``results.json``."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+import topkast_jax
+
+
+def forward_sparsity(params, opt_state, sparse: bool) -> dict:
+  """Measured share of exact zeros in the forward parameters: kernels, and all parameters."""
+  used = topkast_jax.sparse_params(params, opt_state) if sparse else params
+  leaves = jax.tree.leaves(used)
+  kernels = [x for x in leaves if np.ndim(x) >= 2]
+  zeros = lambda xs: sum(int(np.sum(np.asarray(x) == 0)) for x in xs)  # noqa: E731
+  return {
+    'kernels': zeros(kernels) / max(1, sum(np.size(x) for x in kernels)),
+    'all_parameters': zeros(leaves) / max(1, sum(np.size(x) for x in leaves)),
+  }
+
+
+def mask_metrics(opt_state) -> dict:
+  """The method's mask metrics (per layer and overall) as Python floats."""
+  metrics = jax.jit(topkast_jax.topkast_metrics)(opt_state)
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluation_sums(p_eval, state, carry, batches) -> dict:
+  """The pmapped ``p_eval``'s psummed outputs, added up over ``batches``."""
+  totals = {}
+  for batch in batches:
+    carry, sums = p_eval(state, carry, batch)
+    for k, v in jax.device_get(sums).items():
+      totals[k] = totals.get(k, 0.0) + float(v[0])
+  return totals
+
+
+def summary(config, task, start: int, seconds: float, history, state, sparse: bool, **extra):
+  """The contents of ``results.json``."""
+  results = {
+    'task': task.name,
+    'dataset': config.dataset,
+    'method': config.method,
+    'steps': task.total_steps,
+    'resumed_from_step': start,
+    'train_seconds': seconds,
+    **extra,
+    'forward_sparsity_measured': forward_sparsity(state.params, state.opt_state, sparse),
+    'history': history,
+    'config': config.to_dict(),
+  }
+  if sparse:
+    overall = {k: v for k, v in mask_metrics(state.opt_state).items() if '/' not in k}
+    results['topkast_metrics'] = overall
+  return results
+
+
+def write_json(path: str, results: dict) -> None:
+  """``path`` written atomically by process 0."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(results, f, indent=2)
+  os.replace(path + '.tmp', path)

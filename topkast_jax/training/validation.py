@@ -1,0 +1,104 @@
+"""Checks of an experiment config and its workdir before anything is built or trained.
+
+Defaults live in the config files only: the driver reads fields, never ``config.get(key,
+default)``. Every field is checked here against the fields the task, model, optimizer and
+schedule read, so a missing or misspelt field is an error that names it.
+"""
+
+import difflib
+import os
+import tempfile
+
+COMMON = set(
+  'task dataset data_dir prepare_data model method sparsity optimizer schedule batch_size '
+  'eval_batch_size num_train_steps log_every_steps eval_every_steps checkpoint_every_steps '
+  'max_checkpoints num_devices sync_every_step seed'.split()
+)
+TASKS = {
+  'image_classification': COMMON
+  | {'image_size', 'half_precision', 'label_smoothing', 'num_epochs'},
+  'language_modeling': COMMON | {'tgt_len', 'eval_tgt_len', 'eval_mem_len'},
+}
+DATASETS = {
+  'image_classification': ('fashion_mnist', 'cifar10', 'imagenet2012'),
+  'language_modeling': ('sotu', 'enwik8', 'wikitext103'),
+}
+METHODS = ('dense', 'topkast')
+RESNET = {'name', 'width', 'stem', 'zero_init_last_bn'}
+TRANSFORMER_XL = set(
+  'name n_layer d_model n_head d_head d_inner dropout dropatt pre_norm mem_len untie_r cutoffs '
+  'div_val'.split()
+)
+MODELS = {f'resnet{depth}': RESNET for depth in (18, 34, 50, 101)}
+MODELS['transformer_xl'] = TRANSFORMER_XL
+SPARSITY = {'forward', 'backward', 'update_every', 'exploration_l2', 'distribution'}
+OPTIMIZERS = {
+  'sgd': {'name', 'momentum', 'nesterov', 'weight_decay', 'clip_norm'},
+  'adam': {'name', 'b1', 'b2', 'weight_decay', 'clip_norm'},
+}
+SCHEDULES = {
+  'stepwise': {'name', 'base_lr_per_256', 'warmup_epochs', 'decay_epochs'},
+  'warmup_cosine': {'name', 'init_lr', 'peak_lr', 'warmup_steps', 'end_lr'},
+}
+MINIMUM = dict(batch_size=1, eval_batch_size=1, log_every_steps=1, max_checkpoints=1)
+MINIMUM.update(eval_every_steps=0, checkpoint_every_steps=0, num_devices=0)
+
+
+def _choice(field: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(
+      f'config.{field} = {value!r} is not known; use one of: {", ".join(map(str, allowed))}.'
+    )
+
+
+def _fields(prefix: str, section, expected: set) -> None:
+  """Raises ValueError naming every missing and every unknown field of ``section``."""
+  present = set(section.keys())
+  problems = []
+  for name in sorted(present - expected):
+    close = difflib.get_close_matches(name, sorted(expected), n=1)
+    hint = f' (did you mean {prefix}{close[0]}?)' if close else ''
+    problems.append(f'unknown field {prefix}{name}{hint}')
+  problems += [f'missing field {prefix}{name}' for name in sorted(expected - present)]
+  if problems:
+    raise ValueError('config: ' + '; '.join(problems) + '.')
+
+
+def check_config(config) -> None:
+  """Every field present and known, and every name (task, data set, model, ...) valid."""
+  _choice('task', config.get('task'), tuple(TASKS))
+  _fields('', config, TASKS[config.task])
+  _choice('dataset', config.dataset, DATASETS[config.task])
+  _choice('method', config.method, METHODS)
+  for section, known in (('model', MODELS), ('optimizer', OPTIMIZERS), ('schedule', SCHEDULES)):
+    _choice(f'{section}.name', config[section].get('name'), tuple(known))
+    _fields(f'{section}.', config[section], known[config[section].name])
+  if (config.model.name == 'transformer_xl') != (config.task == 'language_modeling'):
+    raise ValueError(f'config.model.name = {config.model.name!r} is not a {config.task} model.')
+  resnet = config.model.name.startswith('resnet')
+  _fields('sparsity.', config.sparsity, SPARSITY | ({'dense_first_last'} if resnet else set()))
+  for field, least in MINIMUM.items():
+    if not isinstance(config[field], int) or config[field] < least:
+      raise ValueError(f'config.{field} must be an integer >= {least}, got {config[field]!r}.')
+
+
+def check_layout(config, num_devices: int, process_count: int) -> None:
+  """Both batch sizes split evenly over every device of every process."""
+  devices = num_devices * process_count
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % devices:
+      fits = config[field] - config[field] % devices or devices
+      raise ValueError(
+        f'config.{field} ({config[field]}) must be divisible by the number of devices '
+        f'({process_count} process(es) x {num_devices} local devices = {devices}); set '
+        f'--config.{field}={fits}, for example, or limit the devices with --config.num_devices.'
+      )
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates ``workdir`` and proves it writable, before minutes of setup are spent."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    tempfile.TemporaryFile(dir=workdir).close()
+  except OSError as e:
+    raise ValueError(f'workdir {workdir!r} is not writable ({e}); pass another --workdir.') from e
