@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from topkast_jax.training.logger import quiet_console  # noqa: E402
 from topkast_jax.training.train import train_and_evaluate  # noqa: E402
 
 matplotlib.use('Agg')
@@ -53,6 +54,8 @@ def plot(results, path, title):
 def main(argv):
   del argv
   started = time.perf_counter()
+  log = quiet_console(_WORKDIR.value, verbose=flags.FLAGS.verbosity >= 1)
+  print(f'library logs: {log} (--verbosity=1 shows them here too)', flush=True)
   results = {}
   for method in ('dense', 'topkast'):
     config = _CONFIG.value.copy_and_resolve_references()

@@ -3,6 +3,9 @@
   python experiments/main.py --config configs/resnet_fashion_mnist.py --workdir /tmp/run \
       [--config.method=dense] [--config.sparsity.forward=0.9]
 
+The console shows progress, evaluations and warnings; library INFO logs go to
+``workdir/log_<process>.txt`` (``--verbosity=1`` prints them too).
+
 Multi-host: pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every
 host (or nothing on Cloud TPU, where jax.distributed finds them itself with --distributed).
 """
@@ -17,6 +20,7 @@ from ml_collections import config_flags
 # Config files import their siblings as `configs.<name>`: the repository root must be importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from topkast_jax.training.logger import quiet_console  # noqa: E402
 from topkast_jax.training.train import train_and_evaluate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment configuration file.')
@@ -39,6 +43,9 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
+  log = quiet_console(_WORKDIR.value, verbose=flags.FLAGS.verbosity >= 1)
+  if jax.process_index() == 0:
+    print(f'library logs: {log} (--verbosity=1 shows them here too)', flush=True)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -155,7 +156,7 @@ def test_two_processes_equal_one_process(name, data_dir, tmp_path):
 
 
 def test_demo_runs_both_methods_and_plots(data_dir, tmp_path):
-  subprocess.run(
+  run = subprocess.run(
     [
       sys.executable,
       os.path.join(ROOT, 'experiments', 'demo.py'),
@@ -172,8 +173,14 @@ def test_demo_runs_both_methods_and_plots(data_dir, tmp_path):
     cwd=ROOT,
     timeout=600,
     capture_output=True,
+    text=True,
     env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''),
   )
+  console = (run.stdout + run.stderr).splitlines()
+  assert not [line for line in console if re.match(r'I\d{4} ', line)]  # no library INFO lines
+  assert any(line.startswith('[topkast] eval at step 2: accuracy') for line in console)
+  log = (tmp_path / 'log_0.txt').read_text()
+  assert 'INFO' in log and 'checkpoint' in log  # orbax's INFO lines went to the file
   results = json.loads((tmp_path / 'results.json').read_text())
   assert set(results) == {'dense', 'topkast'}
   assert [h['step'] for h in results['topkast']['history']] == [1, 2]

@@ -154,6 +154,8 @@ def test_config_errors_name_the_field_before_anything_runs(data_dir, tmp_path):
   assert 'config.eval_batch_size (500)' in error(eval_batch_size=500)  # 8 devices
   assert 'config.batch_size (12)' in error(batch_size=12)
   assert 'config.log_every_steps' in error(log_every_steps=0)
+  assert 'config.sparsity: exploration_l2' in error(sparsity__exploration_l2=float('nan'))
+  assert 'config.sparsity: backward_sparsity' in error(sparsity__backward=0.9)
 
   config = tiny_config('resnet_fashion_mnist', data_dir)
   with config.unlocked():

@@ -503,3 +503,19 @@ def test_link_form_stays_finite_with_inf_weights_outside_b():
   assert np.isfinite(np.asarray(updates['hidden']['kernel'])).all()
   np.testing.assert_array_equal(np.asarray(updates['hidden']['kernel'])[c], 0.0)
   assert np.isfinite(float(state.penalty['hidden']['kernel']))
+
+
+def test_sparse_value_and_grad_equals_grad_at_sparse_params():
+  params, batch = init_params(), batches(3, 1)[0]
+  tx = topkast(optax.sgd(0.1), forward_sparsity=FWD, backward_sparsity=BWD)
+  state = tx.init(params)
+  loss, grads = topkast_jax.sparse_value_and_grad(mlp_loss)(params, state, batch)
+  want_loss, want = jax.value_and_grad(mlp_loss)(sparse_params(params, state), batch)
+  chex.assert_trees_all_close((loss, grads), (want_loss, want))
+  dense_loss = mlp_loss(params, batch)
+  assert not np.isclose(float(loss), float(dense_loss))  # it is not the dense point
+  aux = topkast_jax.sparse_value_and_grad(lambda p, b: (mlp_loss(p, b), 7), has_aux=True)
+  (loss_aux, seven), _ = aux(params, state, batch)
+  assert seven == 7 and np.isclose(float(loss_aux), float(loss))
+  with pytest.raises(ValueError, match='structure of the params'):
+    topkast_jax.sparse_value_and_grad(mlp_loss)({'other': jnp.ones((2, 2))}, state, batch)

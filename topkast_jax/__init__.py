@@ -3,7 +3,13 @@
 from topkast_jax.metrics import topkast_metrics
 from topkast_jax.sparsity import LeafSparsity, path_name, resolve_sparsities
 from topkast_jax.topk import topk_mask, topk_masks
-from topkast_jax.transform import TopKastState, find_topkast_state, sparse_params, topkast
+from topkast_jax.transform import (
+  TopKastState,
+  find_topkast_state,
+  sparse_params,
+  sparse_value_and_grad,
+  topkast,
+)
 
 __version__ = '0.1.0'
 
@@ -14,6 +20,7 @@ __all__ = [
   'path_name',
   'resolve_sparsities',
   'sparse_params',
+  'sparse_value_and_grad',
   'topk_mask',
   'topk_masks',
   'topkast',

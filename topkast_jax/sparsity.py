@@ -57,9 +57,15 @@ def _round_half_up(x: float) -> int:
 
 
 def path_name(path) -> str:
-  """'/'-joined key path, e.g. ``params/Dense_0/kernel``."""
+  """'/'-joined key path, e.g. ``params/Dense_0/kernel``.
+
+  The ``.value`` attribute of a Flax NNX variable is left out: an NNX ``Param`` at
+  ``Dense_0/kernel`` is named ``Dense_0/kernel``, as the same array in a plain dict.
+  """
   parts = []
   for key in path:
+    if isinstance(key, jax.tree_util.GetAttrKey) and key.name == 'value':
+      continue
     for attr in ('key', 'name', 'idx'):
       if hasattr(key, attr):
         parts.append(str(getattr(key, attr)))

@@ -217,18 +217,29 @@ def topkast(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _masks_by_leaf(params, mask_tree) -> list:
+  """The mask (or ``MaskedNode``) of each leaf of ``params``, matched by path.
+
+  Matching by path, not by tree structure, lets params and state wrap their leaves in different
+  containers (Flax NNX: ``Param`` in the model, ``OptVariable`` in ``nnx.Optimizer``'s state).
+  """
+  params_paths = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  masks = jax.tree_util.tree_flatten_with_path(mask_tree, is_leaf=_is_masked)[0]
+  if params_paths != [path_name(p) for p, _ in masks]:
+    shown = ', '.join(params_paths[:8]) + (', ...' if len(params_paths) > 8 else '')
+    raise ValueError(
+      'params do not have the structure of the params topkast was initialised with '
+      f'(params: {shown}). Re-run tx.init(params) after changing the model.'
+    )
+  return [m for _, m in masks]
+
+
 def _check_state_matches(params, state: TopKastState, specs=None) -> None:
   """Raises ValueError unless ``params`` is the tree (and, given ``specs``, the sparsity
   layout) that ``state`` was initialised with."""
-  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-  try:
-    mask_leaves = treedef.flatten_up_to(state.forward_mask)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-      'params do not have the structure of the params topkast was initialised with '
-      f'(params: {treedef}). Re-run tx.init(params) after changing the model.'
-    ) from e
+  mask_leaves = _masks_by_leaf(params, state.forward_mask)
   specs = specs if specs is not None else [not _is_masked(m) for m in mask_leaves]
+  leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
   for (path, leaf), mask, spec in zip(leaves_with_paths, mask_leaves, specs):
     expected = None if spec is None or spec is False else tuple(jnp.shape(leaf))
     got = None if _is_masked(mask) else tuple(jnp.shape(mask))
@@ -263,8 +274,25 @@ def sparse_params(params, opt_state) -> Any:
   """
   state = find_topkast_state(opt_state)
   _check_state_matches(params, state)
-  return jax.tree.map(
-    lambda p, a: p if _is_masked(a) else jnp.where(a, p, jnp.zeros_like(p)),
-    params,
-    state.forward_mask,
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  masks = _masks_by_leaf(params, state.forward_mask)
+  return treedef.unflatten(
+    [p if _is_masked(a) else jnp.where(a, p, jnp.zeros_like(p)) for p, a in zip(leaves, masks)]
   )
+
+
+def sparse_value_and_grad(loss_fn, has_aux: bool = False):
+  """``jax.value_and_grad`` of ``loss_fn`` at the sparse point, in one call.
+
+  ``loss_fn(params, *args)`` is any loss of a parameter pytree. The result is
+  ``f(params, opt_state, *args) -> (value, grads)``: the loss evaluated on
+  ``sparse_params(params, opt_state)`` and its gradient there, which is what ``tx.update``
+  expects. Differentiating at the dense ``params`` instead (a forgotten ``sparse_params``)
+  silently trains a dense forward pass; this makes the right path the short one.
+  """
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+  def at_sparse_point(params, opt_state, *args, **kwargs):
+    return value_and_grad(sparse_params(params, opt_state), *args, **kwargs)
+
+  return at_sparse_point

@@ -52,11 +52,8 @@ class LanguageModeling:
     )
     self.eval_model = self.model.clone(mem_len=config.eval_mem_len)
     self.sparsity_overrides = models.transformer_xl_sparsity()
-    self._gather = jax.pmap(
-      lambda mems: jax.lax.all_gather(jnp.stack(mems), state_lib.AXIS),
-      axis_name=state_lib.AXIS,
-      devices=state_lib.pmap_devices(devices),
-    )
+    all_gather = lambda mems: jax.lax.all_gather(jnp.stack(mems), state_lib.AXIS)  # noqa: E731
+    self._gather = state_lib.pmap(all_gather, devices)
 
   def init_variables(self, key):
     return self.model.init(key, jnp.zeros((1, self.config.tgt_len), jnp.int32))

@@ -1,6 +1,7 @@
 """Metrics to the console (with progress), a JSONL file and TensorBoard, from process 0."""
 
 import json
+import logging
 import os
 import time
 
@@ -11,6 +12,24 @@ import numpy as np
 def _format_seconds(seconds: float) -> str:
   hours, rest = divmod(int(seconds), 3600)
   return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
+
+
+def quiet_console(workdir: str, verbose: bool = False) -> str:
+  """Library logs below WARNING go to ``workdir/log_<process>.txt`` only (and to the console
+  too when ``verbose``); progress and results are printed. Returns the log file's path."""
+  from absl import logging as absl_logging
+
+  absl_logging.get_absl_handler().setLevel(logging.INFO if verbose else logging.WARNING)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, f'log_{jax.process_index()}.txt')  # starts the backends
+  to_file = logging.FileHandler(path, encoding='utf-8')
+  to_file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+  logging.getLogger().addHandler(to_file)
+  logging.getLogger().setLevel(logging.INFO)
+  import tensorflow_datasets as tfds
+
+  tfds.disable_progress_bar()  # one-off preparation bars would only clutter the console
+  return path
 
 
 def _drop_rows_after(path: str, step: int) -> None:

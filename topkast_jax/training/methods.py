@@ -20,6 +20,26 @@ def _inner(config, schedule):
   return optax.adam(schedule, b1=o.b1, b2=o.b2)
 
 
+def _topkast_args(config) -> dict:
+  s = config.sparsity
+  return dict(
+    forward_sparsity=s.forward,
+    backward_sparsity=s.backward,
+    update_every=s.update_every,
+    exploration_l2=s.exploration_l2,
+    distribution=s.distribution,
+  )
+
+
+def check(config) -> None:
+  """Raises ValueError, naming ``config.sparsity``, for invalid method hyper-parameters."""
+  if config.method == 'topkast':
+    try:
+      topkast_jax.topkast(None, **_topkast_args(config))
+    except ValueError as e:
+      raise ValueError(f'config.sparsity: {e}') from e
+
+
 def build(config, schedule, params, sparsity_overrides=None) -> Method:
   """The optimizer for ``config.method`` ('dense' or 'topkast'), and whether it is sparse.
 
@@ -42,15 +62,7 @@ def build(config, schedule, params, sparsity_overrides=None) -> Method:
   if config.optimizer.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(config.optimizer.weight_decay, decay_mask), tx)
   if sparse:
-    tx = topkast_jax.topkast(
-      tx,
-      forward_sparsity=s.forward,
-      backward_sparsity=s.backward,
-      update_every=s.update_every,
-      exploration_l2=s.exploration_l2,
-      sparsity=sparsity_overrides,
-      distribution=s.distribution,
-    )
+    tx = topkast_jax.topkast(tx, **_topkast_args(config), sparsity=sparsity_overrides)
   if config.optimizer.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.optimizer.clip_norm), tx)
   return Method(tx, sparse)

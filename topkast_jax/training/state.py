@@ -52,12 +52,11 @@ def local_devices(config):
   return devices
 
 
-def pmap_devices(devices):
-  """``devices`` for ``jax.pmap``: None (every device of every process) in multi-process runs.
-
-  Passing only the local devices there would make each process reduce over its own devices.
-  """
-  return None if jax.process_count() > 1 else devices
+def pmap(fn, devices, **kwargs):
+  """``jax.pmap`` over ``AXIS`` on ``devices``, or on every device of every process when there
+  are several processes (only the local ones would make each process reduce over its own)."""
+  devices = None if jax.process_count() > 1 else devices
+  return jax.pmap(fn, axis_name=AXIS, devices=devices, **kwargs)
 
 
 def replicate(tree, num_devices: int):

@@ -35,6 +35,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   checkpoints' run) is checked before the first step.
   """
   validation.check_config(config)
+  methods.check(config)
   devices = state_lib.local_devices(config)
   validation.check_layout(config, len(devices), jax.process_count())
   if jax.process_index() == 0:
@@ -65,11 +66,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if restored is not None:
       logger.say(f'[{config.method}] resumed from step {start} of {checkpointer.directory}')
     try:
-      p_eval = jax.pmap(
-        functools.partial(task.eval_step, sparse=method.sparse),
-        axis_name=state_lib.AXIS,
-        devices=state_lib.pmap_devices(devices),
-      )
+      p_eval = state_lib.pmap(functools.partial(task.eval_step, sparse=method.sparse), devices)
       evaluate = lambda state, **kw: task.evaluate(p_eval, state, **kw)  # noqa: E731
       state, history, seconds = train(
         config, task, method, schedule, state_lib.replicate(state, len(devices)), carry, start, evaluate,
@@ -89,12 +86,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def train(config, task, method, schedule, state, carry, start, evaluate, logger, checkpointer):
   """Runs steps ``[start, task.total_steps)``; returns the replicated state, history, seconds."""
-  p_train = jax.pmap(
-    functools.partial(task.train_step, tx=method.tx, schedule=schedule, sparse=method.sparse),
-    axis_name=state_lib.AXIS,
-    devices=state_lib.pmap_devices(task.devices),
-    donate_argnums=(0,),
+  train_step = functools.partial(
+    task.train_step, tx=method.tx, schedule=schedule, sparse=method.sparse
   )
+  p_train = state_lib.pmap(train_step, task.devices, donate_argnums=(0,))
   total = task.total_steps
   # Cross-process CPU collectives can hang when steps are dispatched without waiting.
   sync = config.sync_every_step or (jax.process_count() > 1 and jax.default_backend() == 'cpu')

@@ -1,0 +1,107 @@
+"""Sparse export: BCOO and .npz forms hold exactly A, load back to the exact alpha, and run."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.experimental import sparse
+
+import topkast_jax
+from topkast_jax import export
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    # jnp.maximum, not nn.relu: sparse.sparsify cannot trace relu's custom_jvp (jax 0.10).
+    return nn.Dense(10, name='head')(jnp.maximum(nn.Dense(64, name='hidden')(x), 0.0))
+
+
+def trained(forward=0.9):
+  model = MLP()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32)))['params']
+  tx = topkast_jax.topkast(
+    optax.sgd(0.1, momentum=0.9), forward_sparsity=forward, backward_sparsity=0.5, update_every=1
+  )
+  state = tx.init(params)
+  x = jax.random.normal(jax.random.key(1), (16, 32))
+  y = jnp.arange(16) % 10
+
+  def loss_fn(p):
+    logits = model.apply({'params': p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  for _ in range(3):
+    _, grads = topkast_jax.sparse_value_and_grad(loss_fn)(params, state)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return model, params, state, x
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_export_holds_exactly_a_and_densifies_to_alpha():
+  model, params, state, x = trained()
+  alpha = topkast_jax.sparse_params(params, state)
+  exported = export.export_sparse(params, state)
+  kernel = exported['hidden']['kernel']
+  assert isinstance(kernel, sparse.BCOO)
+  assert kernel.nse == int(np.sum(state.forward_mask['hidden']['kernel'])) == round(0.1 * 32 * 64)
+  assert isinstance(exported['hidden']['bias'], jax.Array)  # dense leaves stay arrays
+  assert_trees_equal(export.densify(exported), alpha)
+  logits = model.apply({'params': alpha}, x)
+  sparse_logits = sparse.sparsify(model.apply)({'params': exported}, x)  # BCOO matmuls
+  np.testing.assert_allclose(sparse_logits, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_npz_round_trip_is_exact_and_small(tmp_path):
+  _, params, state, _ = trained(forward=0.95)
+  alpha = topkast_jax.sparse_params(params, state)
+  path = str(tmp_path / 'model.npz')
+  export.save_npz(path, params, state)
+  assert_trees_equal(export.load_npz(path, like=params), alpha)
+  assert_trees_equal(export.load_npz(path), jax.device_get(alpha))  # nested dicts by path
+  arrays = dict(np.load(path))
+  assert arrays['hidden/kernel@indices'].dtype == np.int32
+  assert arrays['hidden/kernel@values'].size == round(0.05 * 32 * 64)
+  dense_path = str(tmp_path / 'dense.npz')
+  np.savez(dense_path, **{'/'.join(k): v for k, v in _flat(jax.device_get(params))})
+  assert (tmp_path / 'model.npz').stat().st_size < 0.5 * (tmp_path / 'dense.npz').stat().st_size
+
+
+def _flat(tree, prefix=()):
+  for k, v in tree.items():
+    yield from _flat(v, (*prefix, k)) if isinstance(v, dict) else [((*prefix, k), v)]
+
+
+def test_nnx_params_export_by_plain_paths():
+  model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+  tx = topkast_jax.topkast(optax.sgd(0.1), forward_sparsity=0.75, backward_sparsity=0.5)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  params = nnx.state(model, nnx.Param)
+  arrays = export.to_arrays(export.export_sparse(params, optimizer.opt_state))
+  assert 'layers/0/kernel@values' in arrays and 'layers/0/bias' in arrays
+  loaded = export.from_arrays(arrays, like=params)
+  alpha = topkast_jax.sparse_params(params, optimizer.opt_state)
+  assert_trees_equal(loaded, alpha)
+
+
+def test_export_bad_input():
+  _, params, state, _ = trained()
+  with pytest.raises(ValueError, match='exactly one TopKastState'):
+    export.export_sparse(params, optax.sgd(0.1).init(params))
+  dense_state = topkast_jax.topkast(
+    optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.5, sparsity=lambda path, leaf: False
+  ).init(params)
+  with pytest.raises(ValueError, match='holds no masks'):
+    export.export_sparse(params, dense_state)
+  with pytest.raises(ValueError, match='structure of the params'):
+    export.export_sparse({'other': jnp.ones((3, 3))}, state)
+  arrays = export.to_arrays(export.export_sparse(params, state))
+  with pytest.raises(ValueError, match="no parameter at \\['extra/kernel'\\]"):
+    export.from_arrays(arrays, like={**params, 'extra': {'kernel': jnp.ones((2, 2))}})

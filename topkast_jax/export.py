@@ -1,0 +1,110 @@
+"""Sparse export of the forward parameters alpha: values and indices per sparse leaf.
+
+`export_sparse` turns a trained model (params and the optimizer state holding its masks) into
+a pytree shaped like the params whose sparse leaves are ``jax.experimental.sparse.BCOO``
+arrays holding only A's entries; `densify` gives back the exact dense alpha. `to_arrays` is the
+same as a flat ``{path: numpy array}`` dict (flat int32 indices, values and shape per sparse
+leaf), which ``numpy.savez`` and orbax save as is; `save_npz` and `load_npz` do that.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse
+
+from topkast_jax.sparsity import path_name
+from topkast_jax.transform import _is_masked, _masks_by_leaf, find_topkast_state
+
+
+def _is_bcoo(x) -> bool:
+  return isinstance(x, sparse.BCOO)
+
+
+def export_sparse(params, opt_state):
+  """alpha with every sparse leaf as a BCOO of A's exact entries (dense leaves unchanged).
+
+  Raises:
+    ValueError: if ``opt_state`` holds no Top-KAST state, or one without any sparse leaf, or
+      if ``params`` is not the tree the state was initialised with.
+  """
+  masks = _masks_by_leaf(params, find_topkast_state(opt_state).forward_mask)
+  if all(_is_masked(m) for m in masks):
+    raise ValueError(
+      'the optimizer state holds no masks (every parameter is dense): there is nothing sparse '
+      'to export. Save the params as they are.'
+    )
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  exported = []
+  for leaf, mask in zip(leaves, masks):
+    if _is_masked(mask):
+      exported.append(leaf)
+      continue
+    indices = np.argwhere(np.asarray(mask)).astype(np.int32)  # row-major: sorted, unique
+    values = np.asarray(leaf)[tuple(indices.T)]
+    exported.append(sparse.BCOO((jnp.asarray(values), jnp.asarray(indices)), shape=leaf.shape))
+  return treedef.unflatten(exported)
+
+
+def densify(exported):
+  """The dense alpha of an exported tree: zeros outside A."""
+  return jax.tree.map(lambda x: x.todense() if _is_bcoo(x) else x, exported, is_leaf=_is_bcoo)
+
+
+def to_arrays(exported) -> dict[str, np.ndarray]:
+  """``{path: array}``; a sparse leaf at ``p`` becomes ``p@values``, ``p@indices`` (flat int32,
+  row-major) and ``p@shape``."""
+  arrays = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(exported, is_leaf=_is_bcoo)[0]:
+    name = path_name(path)
+    if _is_bcoo(leaf):
+      flat = np.ravel_multi_index(tuple(np.asarray(leaf.indices).T), leaf.shape)
+      arrays[f'{name}@values'] = np.asarray(leaf.data)
+      arrays[f'{name}@indices'] = flat.astype(np.int32)
+      arrays[f'{name}@shape'] = np.asarray(leaf.shape, np.int64)
+    else:
+      arrays[name] = np.asarray(leaf)
+  return arrays
+
+
+def from_arrays(arrays, like=None):
+  """Dense alpha from `to_arrays`' dict: shaped like ``like`` (any params tree of the same
+  paths, e.g. the model's params or ``jax.eval_shape`` of them), or as nested dicts."""
+  dense = {}
+  for name in arrays:
+    base, _, part = name.partition('@')
+    if part in ('', 'values'):
+      if not part:
+        dense[base] = np.asarray(arrays[name])
+        continue
+      leaf = np.zeros(tuple(arrays[f'{base}@shape']), arrays[name].dtype)
+      leaf.flat[arrays[f'{base}@indices']] = arrays[name]
+      dense[base] = leaf
+  if like is not None:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    missing = [path_name(p) for p, _ in paths if path_name(p) not in dense]
+    if missing:
+      raise ValueError(f'the exported arrays hold no parameter at {missing[:5]}.')
+    return treedef.unflatten([dense[path_name(p)] for p, _ in paths])
+  tree = {}
+  for name, leaf in dense.items():
+    *parents, key = name.split('/')
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[key] = leaf
+  return tree
+
+
+def save_npz(path: str, params, opt_state) -> None:
+  """Writes the sparse export of ``params`` to ``path`` (.npz), atomically."""
+  with open(path + '.tmp', 'wb') as f:
+    np.savez(f, **to_arrays(export_sparse(params, opt_state)))
+  os.replace(path + '.tmp', path)
+
+
+def load_npz(path: str, like=None):
+  """The dense alpha saved by `save_npz` (see `from_arrays` for ``like``)."""
+  with np.load(path) as arrays:
+    return from_arrays(dict(arrays), like)
