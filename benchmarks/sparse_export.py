@@ -58,7 +58,9 @@ def file_sizes(folder):
     export.save_npz(path, params, state)
     loaded = export.load_npz(path, like=params)
     alpha = jax.device_get(topkast_jax.sparse_params(params, state))
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(alpha)))
+    assert all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(alpha))
+    )
     size = os.path.getsize(path)
     print(
       f'  export at forward sparsity {s:<5}   {size / 2**20:8.1f} MiB  '
@@ -90,7 +92,10 @@ def inference(rounds):
   sizes = (1024, 4096, 4096, 1000)
   rng = np.random.default_rng(0)
   params = [
-    {'kernel': rng.standard_normal((a, b), np.float32) / np.sqrt(a), 'bias': np.zeros(b, np.float32)}
+    {
+      'kernel': rng.standard_normal((a, b), np.float32) / np.sqrt(a),
+      'bias': np.zeros(b, np.float32),
+    }
     for a, b in zip(sizes[:-1], sizes[1:])
   ]
   x = jnp.asarray(rng.standard_normal((64, sizes[0]), np.float32))
