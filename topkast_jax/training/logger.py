@@ -7,6 +7,9 @@ import time
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
+
+from topkast_jax.training.validation import check_workdir
 
 
 def _format_seconds(seconds: float) -> str:
@@ -17,10 +20,9 @@ def _format_seconds(seconds: float) -> str:
 def quiet_console(workdir: str, verbose: bool = False) -> str:
   """Library logs below WARNING go to ``workdir/log_<process>.txt`` only (and to the console
   too when ``verbose``); progress and results are printed. Returns the log file's path."""
-  from absl import logging as absl_logging
 
   absl_logging.get_absl_handler().setLevel(logging.INFO if verbose else logging.WARNING)
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir)
   path = os.path.join(workdir, f'log_{jax.process_index()}.txt')  # starts the backends
   to_file = logging.FileHandler(path, encoding='utf-8')
   to_file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
