@@ -20,7 +20,7 @@ from ml_collections import config_flags
 # Config files import their siblings as `configs.<name>`: the repository root must be importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from topkast_jax.training.logger import quiet_console  # noqa: E402
+from experiments.console import quiet_console  # noqa: E402
 from topkast_jax.training.train import train_and_evaluate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment configuration file.')

@@ -1,10 +1,6 @@
-"""Checkpoints with orbax: atomic, tagged with the run they belong to, and read defensively.
-
-Each checkpoint holds the train state, the task's carry (Transformer-XL memories; absent for
-image tasks) and the run's identity (the config without the fields a resume may change). A
-resume refuses a checkpoint of a different run, and skips an unreadable checkpoint (moved
-aside as ``unreadable_<step>``, with a warning) for the newest one that restores.
-"""
+"""Orbax checkpoints of the train state, the task's carry and the run's identity (the config
+less the fields a resume may change). Restoring refuses another run's checkpoint and moves an
+unreadable one aside (``unreadable_<step>``, with a warning) for the newest that restores."""
 
 import logging
 import os
@@ -84,12 +80,8 @@ class Checkpointer:
       )
 
   def restore(self, state_template, with_carry: bool):
-    """``(step, state, carry)`` of the newest checkpoint that restores, or None without one.
-
-    Raises:
-      RunMismatchError: the checkpoint belongs to a run with other settings.
-      RuntimeError: checkpoints exist but none can be restored.
-    """
+    """``(step, state, carry)`` of the newest checkpoint that restores, or None without one;
+    RunMismatchError for another run's checkpoints, RuntimeError if none restores."""
     steps = sorted(self._manager.all_steps(), reverse=True)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
     for step in steps:

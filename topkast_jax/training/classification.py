@@ -32,15 +32,13 @@ class Classification:
       spec = dataclasses.replace(spec, image_size=config.image_size, eval_resize=resize)
     self.spec = spec
     self._layout = layout = state_lib.data_layout(devices)
-    opened = [
+    train_source, self._eval_source = (
       sources.open_split(config.dataset, split, config.data_dir or None, config.prepare_data)
       for split in ('train', 'validation' if config.dataset == 'imagenet2012' else 'test')
-    ]
-    train_source, self._eval_source = opened
+    )
     self.steps_per_epoch = len(train_source) // config.batch_size
-    self.total_steps = config.num_train_steps
-    if self.total_steps <= 0:
-      self.total_steps = int(config.num_epochs * self.steps_per_epoch)
+    epochs = int(config.num_epochs * self.steps_per_epoch)
+    self.total_steps = config.num_train_steps if config.num_train_steps > 0 else epochs
     self.train_data = images.train_dataset(
       train_source, spec, global_batch_size=config.batch_size, seed=config.seed, **layout
     )

@@ -127,8 +127,7 @@ class LanguageModeling:
     )
     mems = self.initial_carry(self.config.eval_batch_size)
     totals = results.evaluation_sums(p_eval, state, mems, batches)
-    nll, count = totals['nll'], totals['count']
-    per_token = nll / count
+    per_token, count = totals['nll'] / totals['count'], totals['count']
     return {
       'nll': per_token,
       'bits_per_token': per_token / math.log(2),
@@ -141,7 +140,4 @@ class LanguageModeling:
     return f'{r["bits_per_token"]:.4f} bits/token, perplexity {r["perplexity"]:.2f}'
 
   def final_results(self, history, evaluate) -> dict:
-    return {
-      'final_validation': history[-1] if history else None,
-      'test': evaluate(split='test'),
-    }
+    return {'final_validation': history[-1] if history else None, 'test': evaluate(split='test')}

@@ -1,37 +1,17 @@
 """Metrics to the console (with progress), a JSONL file and TensorBoard, from process 0."""
 
 import json
-import logging
 import os
 import time
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
-
-from topkast_jax.training.validation import check_workdir
+from tensorboardX import SummaryWriter
 
 
 def _format_seconds(seconds: float) -> str:
   hours, rest = divmod(int(seconds), 3600)
   return f'{hours}h{rest // 60:02d}m' if hours else f'{rest // 60}m{rest % 60:02d}s'
-
-
-def quiet_console(workdir: str, verbose: bool = False) -> str:
-  """Library logs below WARNING go to ``workdir/log_<process>.txt`` only (and to the console
-  too when ``verbose``); progress and results are printed. Returns the log file's path."""
-
-  absl_logging.get_absl_handler().setLevel(logging.INFO if verbose else logging.WARNING)
-  check_workdir(workdir)
-  path = os.path.join(workdir, f'log_{jax.process_index()}.txt')  # starts the backends
-  to_file = logging.FileHandler(path, encoding='utf-8')
-  to_file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
-  logging.getLogger().addHandler(to_file)
-  logging.getLogger().setLevel(logging.INFO)
-  import tensorflow_datasets as tfds
-
-  tfds.disable_progress_bar()  # one-off preparation bars would only clutter the console
-  return path
 
 
 def _drop_rows_after(path: str, step: int) -> None:
@@ -57,18 +37,12 @@ class MetricLogger:
     self.active = jax.process_index() == 0
     self.total_steps, self.name = total_steps, name
     self._start_time, self._start_step = time.perf_counter(), start_step
-    self._jsonl = self._tensorboard = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, 'metrics.jsonl')
       _drop_rows_after(path, start_step)
       self._jsonl = open(path, 'a', encoding='utf-8')
-      try:
-        from tensorboardX import SummaryWriter
-
-        self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:  # TensorBoard files are optional; JSONL always is written.
-        self._tensorboard = None
+      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict, prefix: str) -> None:
     if not self.active:
@@ -76,10 +50,9 @@ class MetricLogger:
     values = {f'{prefix}/{k}': float(np.asarray(v)) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
     self._jsonl.flush()
-    if self._tensorboard is not None:
-      for k, v in values.items():
-        self._tensorboard.add_scalar(k, v, int(step))
-      self._tensorboard.flush()
+    for k, v in values.items():
+      self._tensorboard.add_scalar(k, v, int(step))
+    self._tensorboard.flush()
 
   def say(self, text: str) -> None:
     """A console line (process 0)."""
@@ -101,7 +74,6 @@ class MetricLogger:
     )
 
   def close(self) -> None:
-    if self._jsonl is not None:
+    if self.active:
       self._jsonl.close()
-    if self._tensorboard is not None:
       self._tensorboard.close()

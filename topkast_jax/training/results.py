@@ -52,8 +52,8 @@ def summary(config, task, start: int, seconds: float, history, state, sparse: bo
     'config': config.to_dict(),
   }
   if sparse:
-    overall = {k: v for k, v in mask_metrics(state.opt_state).items() if '/' not in k}
-    results['topkast_metrics'] = overall
+    metrics = mask_metrics(state.opt_state).items()
+    results['topkast_metrics'] = {k: v for k, v in metrics if '/' not in k}
   return results
 
 

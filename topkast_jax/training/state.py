@@ -65,11 +65,8 @@ def replicate(tree, num_devices: int):
 
 
 def first_replica(tree):
-  """The first local device's copy of a pmapped tree, left on that device.
-
-  Reads the shard itself: indexing the pmapped array (``x[0]``) would run a computation over all
-  local devices, with collectives that, across processes on CPU, can deadlock.
-  """
+  """The first local device's copy of a pmapped tree, left on that device (read from the shard:
+  ``x[0]`` would run a computation whose collectives can deadlock across CPU processes)."""
 
   def first(x):
     if isinstance(x, jax.Array):

@@ -1,9 +1,5 @@
-"""``train_and_evaluate(config, workdir)``: one train loop for every task and method.
-
-The task (`Classification`, `LanguageModeling`) holds what differs: data, model, steps,
-evaluation and the carry (Transformer-XL memories). The method (`methods.build`) gives the
-optimizer and whether the network runs on sparse parameters. Everything else is here.
-"""
+"""``train_and_evaluate(config, workdir)``: one train loop for every task and method. The task
+holds what differs (data, model, steps, evaluation, the carry); `methods.build` the optimizer."""
 
 import functools
 import os
