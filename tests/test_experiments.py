@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from experiment_utils import TINY_TXL, assert_same, final_params, tiny_config
+from experiment_utils import TINY_TXL, assert_same, final_params, last_checkpoint, tiny_config
 
 from topkast_jax.data import sources
 from topkast_jax.training.train import train_and_evaluate
@@ -104,14 +104,14 @@ MULTIHOST_OVERRIDES = {
 
 @pytest.mark.parametrize('name', sorted(MULTIHOST_OVERRIDES))
 def test_two_processes_equal_one_process(name, data_dir, tmp_path):
-  """2 processes x 4 CPU devices (gloo collectives) == 1 process x 8 devices after 3 steps."""
+  """2 processes x 4 CPU devices (gloo collectives) == 1 process x 8 devices after 3 steps; for
+  the LM, each run's checkpoint then resumes in the other layout (memories split by process)."""
   base = [
     sys.executable,
     os.path.join(ROOT, 'experiments', 'main.py'),
     '--config',
     os.path.join(ROOT, 'configs', f'{name}.py'),
     f'--config.data_dir={data_dir}',
-    '--config.num_train_steps=3',
     '--config.batch_size=16',
     '--config.eval_batch_size=8',
     '--config.log_every_steps=1',
@@ -129,30 +129,38 @@ def test_two_processes_equal_one_process(name, data_dir, tmp_path):
       ),
     )
 
-  run_processes([base + [f'--workdir={tmp_path / "one"}']], env(8))
-  with socket.socket() as probe:  # a free port for the coordinator
-    probe.bind(('127.0.0.1', 0))
-    port = probe.getsockname()[1]
-  run_processes(
-    [
-      base
-      + [
-        f'--workdir={tmp_path / "two"}',
-        f'--coordinator_address=127.0.0.1:{port}',
-        '--num_processes=2',
-        f'--process_id={i}',
-      ]
-      for i in range(2)
-    ],
-    env(4),
-  )
-  assert_same(final_params(str(tmp_path / 'one')), final_params(str(tmp_path / 'two')), exact=False)
-  one, two = (json.loads((tmp_path / d / 'results.json').read_text()) for d in ('one', 'two'))
+  def one_process(workdir, steps):
+    run_processes([base + [f'--config.num_train_steps={steps}', f'--workdir={workdir}']], env(8))
+
+  def two_processes(workdir, steps):
+    with socket.socket() as probe:  # a free port for the coordinator
+      probe.bind(('127.0.0.1', 0))
+      port = probe.getsockname()[1]
+    flags = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+    run_processes(
+      [
+        base
+        + [f'--config.num_train_steps={steps}', f'--workdir={workdir}', *flags, f'--process_id={i}']
+        for i in range(2)
+      ],
+      env(4),
+    )
+
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  one_process(one, 3)
+  two_processes(two, 3)
+  assert_same(final_params(one), final_params(two), exact=False)
+  results = [json.loads((tmp_path / d / 'results.json').read_text()) for d in ('one', 'two')]
   final, counted, loss = (
     ('final_eval', 'examples', 'loss') if name.startswith('resnet') else ('test', 'tokens', 'nll')
   )
-  assert one[final][counted] == two[final][counted] > 0  # each evaluation example counted once
-  assert one[final][loss] == pytest.approx(two[final][loss], rel=1e-5)
+  assert results[0][final][counted] == results[1][final][counted] > 0  # each example once
+  assert results[0][final][loss] == pytest.approx(results[1][final][loss], rel=1e-5)
+  if name.startswith('transformer'):
+    two_processes(one, 4)  # the 1-process checkpoint (memories of 16 rows), resumed by 2
+    one_process(two, 4)  # and the other way round
+    assert_same(last_checkpoint(one, ('carry',)), last_checkpoint(two, ('carry',)), exact=False)
+    assert_same(final_params(one), final_params(two), exact=False)
 
 
 def test_demo_runs_both_methods_and_plots(data_dir, tmp_path):
