@@ -157,6 +157,14 @@ def test_config_errors_name_the_field_before_anything_runs(data_dir, tmp_path):
   assert 'config.sparsity: exploration_l2' in error(sparsity__exploration_l2=float('nan'))
   assert 'config.sparsity: backward_sparsity' in error(sparsity__backward=0.9)
 
+  lm = tiny_config('transformer_xl_sotu', data_dir)
+  lm.num_train_steps = 0
+  with pytest.raises(ValueError, match='config.num_train_steps must be an integer >= 1'):
+    validation.check_config(lm)
+  by_epochs = tiny_config('resnet_fashion_mnist', data_dir)
+  by_epochs.num_train_steps = -1  # images may train for num_epochs instead
+  validation.check_config(by_epochs)
+
   config = tiny_config('resnet_fashion_mnist', data_dir)
   with config.unlocked():
     config.sparsity.foward = 0.9

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import sparse
 
 from topkast_jax.sparsity import path_name
-from topkast_jax.transform import _is_masked, _masks_by_leaf, find_topkast_state
+from topkast_jax.transform import _check_state_matches, _is_masked, find_topkast_state
 
 
 def _is_bcoo(x) -> bool:
@@ -29,7 +29,7 @@ def export_sparse(params, opt_state):
     ValueError: if ``opt_state`` holds no Top-KAST state, or one without any sparse leaf, or
       if ``params`` is not the tree the state was initialised with.
   """
-  masks = _masks_by_leaf(params, find_topkast_state(opt_state).forward_mask)
+  masks = _check_state_matches(params, find_topkast_state(opt_state))
   if all(_is_masked(m) for m in masks):
     raise ValueError(
       'the optimizer state holds no masks (every parameter is dense): there is nothing sparse '

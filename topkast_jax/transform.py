@@ -217,39 +217,35 @@ def topkast(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _masks_by_leaf(params, mask_tree) -> list:
-  """The mask (or ``MaskedNode``) of each leaf of ``params``, matched by path.
+def _check_state_matches(params, state: TopKastState, specs=None) -> list:
+  """The forward mask (or ``MaskedNode``) of each leaf of ``params``; raises ValueError unless
+  ``params`` is the tree (and, given ``specs``, the sparsity layout) ``state`` was made for.
 
-  Matching by path, not by tree structure, lets params and state wrap their leaves in different
-  containers (Flax NNX: ``Param`` in the model, ``OptVariable`` in ``nnx.Optimizer``'s state).
+  Leaves are matched by path, not by tree structure, so params and state may wrap their leaves
+  in different containers (Flax NNX: ``Param`` in the model, ``OptVariable`` in the optimizer).
   """
-  params_paths = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  masks = jax.tree_util.tree_flatten_with_path(mask_tree, is_leaf=_is_masked)[0]
-  if params_paths != [path_name(p) for p, _ in masks]:
-    shown = ', '.join(params_paths[:8]) + (', ...' if len(params_paths) > 8 else '')
+  leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [path_name(p) for p, _ in leaves_with_paths]
+  masks = jax.tree_util.tree_flatten_with_path(state.forward_mask, is_leaf=_is_masked)[0]
+  if names != [path_name(p) for p, _ in masks]:
+    shown = ', '.join(names[:8]) + (', ...' if len(names) > 8 else '')
     raise ValueError(
       'params do not have the structure of the params topkast was initialised with '
       f'(params: {shown}). Re-run tx.init(params) after changing the model.'
     )
-  return [m for _, m in masks]
-
-
-def _check_state_matches(params, state: TopKastState, specs=None) -> None:
-  """Raises ValueError unless ``params`` is the tree (and, given ``specs``, the sparsity
-  layout) that ``state`` was initialised with."""
-  mask_leaves = _masks_by_leaf(params, state.forward_mask)
+  mask_leaves = [m for _, m in masks]
   specs = specs if specs is not None else [not _is_masked(m) for m in mask_leaves]
-  leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  for (path, leaf), mask, spec in zip(leaves_with_paths, mask_leaves, specs):
+  for name, (_, leaf), mask, spec in zip(names, leaves_with_paths, mask_leaves, specs):
     expected = None if spec is None or spec is False else tuple(jnp.shape(leaf))
     got = None if _is_masked(mask) else tuple(jnp.shape(mask))
     if expected != got:
       raise ValueError(
-        f'params do not match the topkast state at {path_name(path)!r}: the state holds '
+        f'params do not match the topkast state at {name!r}: the state holds '
         f'{"no mask" if got is None else f"a mask of shape {got}"}, the params need '
         f'{"none (dense)" if expected is None else f"one of shape {expected}"}. Re-run '
         'tx.init(params) after changing the model or the sparsity settings.'
       )
+  return mask_leaves
 
 
 def find_topkast_state(opt_state) -> TopKastState:
@@ -272,10 +268,8 @@ def sparse_params(params, opt_state) -> Any:
 
   Differentiate the loss with respect to the result and pass that gradient to ``tx.update``.
   """
-  state = find_topkast_state(opt_state)
-  _check_state_matches(params, state)
+  masks = _check_state_matches(params, find_topkast_state(opt_state))
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  masks = _masks_by_leaf(params, state.forward_mask)
   return treedef.unflatten(
     [p if _is_masked(a) else jnp.where(a, p, jnp.zeros_like(p)) for p, a in zip(leaves, masks)]
   )

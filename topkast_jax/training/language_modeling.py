@@ -32,8 +32,6 @@ class LanguageModeling:
 
   def __init__(self, config, devices):
     self.config, self.devices = config, devices
-    if config.num_train_steps < 1:
-      raise ValueError(f'config.num_train_steps must be >= 1, got {config.num_train_steps}.')
     data_dir = config.data_dir or None
     streams = {
       split: read_stream(sources.open_split(config.dataset, split, data_dir, config.prepare_data))

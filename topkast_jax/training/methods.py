@@ -7,6 +7,8 @@ import optax
 
 import topkast_jax
 
+METHODS = ('dense', 'topkast')
+
 
 class Method(NamedTuple):
   tx: optax.GradientTransformation  # the whole optimizer, method included

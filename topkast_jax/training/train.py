@@ -17,6 +17,8 @@ from topkast_jax.training.language_modeling import LanguageModeling
 from topkast_jax.training.logger import MetricLogger
 
 TASKS = {'image_classification': Classification, 'language_modeling': LanguageModeling}
+# Batches load on background threads while the devices run the step.
+PREFETCH = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 
 
 def due(done: int, every: int, total: int) -> bool:
@@ -89,12 +91,7 @@ def train(config, task, method, schedule, state, carry, start, evaluate, logger,
   total = task.total_steps
   # Cross-process CPU collectives can hang when steps are dispatched without waiting.
   sync = config.sync_every_step or (jax.process_count() > 1 and jax.default_backend() == 'cpu')
-  # Batches load on background threads while the devices run the step.
-  batches = iter(
-    task.train_data[start:].to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
-    )
-  )
+  batches = iter(task.train_data[start:].to_iter_dataset(PREFETCH))
   history, started = [], time.perf_counter()
   for step in range(start, total):
     state, carry, metrics = p_train(state, carry, next(batches))

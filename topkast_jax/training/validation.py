@@ -9,6 +9,8 @@ import difflib
 import os
 import tempfile
 
+from topkast_jax.training import classification, methods
+
 COMMON = set(
   'task dataset data_dir prepare_data model method sparsity optimizer schedule batch_size '
   'eval_batch_size num_train_steps log_every_steps eval_every_steps checkpoint_every_steps '
@@ -20,16 +22,15 @@ TASKS = {
   'language_modeling': COMMON | {'tgt_len', 'eval_tgt_len', 'eval_mem_len'},
 }
 DATASETS = {
-  'image_classification': ('fashion_mnist', 'cifar10', 'imagenet2012'),
+  'image_classification': tuple(classification.NUM_CLASSES),
   'language_modeling': ('sotu', 'enwik8', 'wikitext103'),
 }
-METHODS = ('dense', 'topkast')
 RESNET = {'name', 'width', 'stem', 'zero_init_last_bn'}
 TRANSFORMER_XL = set(
   'name n_layer d_model n_head d_head d_inner dropout dropatt pre_norm mem_len untie_r cutoffs '
   'div_val'.split()
 )
-MODELS = {f'resnet{depth}': RESNET for depth in (18, 34, 50, 101)}
+MODELS = dict.fromkeys(classification.RESNETS, RESNET)
 MODELS['transformer_xl'] = TRANSFORMER_XL
 SPARSITY = {'forward', 'backward', 'update_every', 'exploration_l2', 'distribution'}
 OPTIMIZERS = {
@@ -69,7 +70,7 @@ def check_config(config) -> None:
   _choice('task', config.get('task'), tuple(TASKS))
   _fields('', config, TASKS[config.task])
   _choice('dataset', config.dataset, DATASETS[config.task])
-  _choice('method', config.method, METHODS)
+  _choice('method', config.method, methods.METHODS)
   for section, known in (('model', MODELS), ('optimizer', OPTIMIZERS), ('schedule', SCHEDULES)):
     _choice(f'{section}.name', config[section].get('name'), tuple(known))
     _fields(f'{section}.', config[section], known[config[section].name])
@@ -77,7 +78,9 @@ def check_config(config) -> None:
     raise ValueError(f'config.model.name = {config.model.name!r} is not a {config.task} model.')
   resnet = config.model.name.startswith('resnet')
   _fields('sparsity.', config.sparsity, SPARSITY | ({'dense_first_last'} if resnet else set()))
-  for field, least in MINIMUM.items():
+  lm = config.task == 'language_modeling'  # image runs may give num_epochs instead
+  minimum = {**MINIMUM, 'num_train_steps': 1} if lm else MINIMUM
+  for field, least in minimum.items():
     if not isinstance(config[field], int) or config[field] < least:
       raise ValueError(f'config.{field} must be an integer >= {least}, got {config[field]!r}.')
 
