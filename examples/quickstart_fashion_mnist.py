@@ -124,8 +124,8 @@ def train(method, model, params, train_data, test_data):
     'history': history,
   }
   if method == 'topkast':
-    metrics = topkast_jax.topkast_metrics(state, per_leaf=False)
-    result['topkast_metrics'] = {k: float(v) for k, v in metrics.items()}
+    metrics = topkast_jax.sparsity_metrics(state, per_leaf=False)
+    result['sparsity_metrics'] = {k: float(v) for k, v in metrics.items()}
   return result
 
 

@@ -53,7 +53,7 @@ def test_every_config_runs_a_train_and_eval_step(name, data_dir, tmp_path, monke
   metrics = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert any('train/loss' in line for line in metrics)
   assert any('topkast/forward_density' in line for line in metrics)
-  density = results['topkast_metrics']['forward_density']
+  density = results['sparsity_metrics']['forward_density']
   assert density == pytest.approx(1 - config.sparsity.forward, abs=0.01)
   if config.task == 'image_classification':
     expected = 20 if config.dataset == 'fashion_mnist' else 16

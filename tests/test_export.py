@@ -93,7 +93,7 @@ def test_nnx_params_export_by_plain_paths():
 
 def test_export_bad_input():
   _, params, state, _ = trained()
-  with pytest.raises(ValueError, match='exactly one TopKastState'):
+  with pytest.raises(ValueError, match='exactly one sparse-training state'):
     export.export_sparse(params, optax.sgd(0.1).init(params))
   dense_state = topkast_jax.topkast(
     optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.5, sparsity=lambda path, leaf: False

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from topkast_jax import topkast, topkast_metrics
+from topkast_jax import sparsity_metrics, topkast
 
 
 def test_known_mask_dynamics_and_penalty():
@@ -18,7 +18,7 @@ def test_known_mask_dynamics_and_penalty():
   moved = w.at[0, 0].set(100.0).at[0, 5].set(50.0)
   new_params = dict(params, w=moved)
   _, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, new_params)
-  m = jax.device_get(topkast_metrics(state))
+  m = jax.device_get(sparsity_metrics(state))
 
   assert m['w/forward_density'] == pytest.approx(0.2)
   assert m['w/backward_density'] == pytest.approx(0.5)
@@ -41,7 +41,7 @@ def test_known_mask_dynamics_and_penalty():
 def test_overall_only():
   params = {'w': jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)}
   state = topkast(forward_sparsity=0.75, backward_sparsity=0.5).init(params)
-  m = topkast_metrics(state, per_leaf=False)
+  m = sparsity_metrics(state, per_leaf=False)
   assert set(m) == {
     'forward_density',
     'backward_density',

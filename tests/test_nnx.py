@@ -78,14 +78,14 @@ def test_nnx_and_linen_give_the_same_masks_updates_and_metrics():
     np.testing.assert_allclose(nnx_loss, linen_loss, rtol=1e-6)
   nnx_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), nnx_params, params)
-  state = topkast_jax.find_topkast_state(optimizer.opt_state)
+  state = topkast_jax.find_sparse_state(optimizer.opt_state)
   for layer, density in (('hidden', 0.3), ('out', 0.1)):
     nnx_mask = np.asarray(state.forward_mask[layer]['kernel'][...])
     linen_mask = np.asarray(opt_state.forward_mask[layer]['kernel'])
     np.testing.assert_array_equal(nnx_mask, linen_mask)
     assert nnx_mask.mean() == pytest.approx(density, abs=0.01)
-  nnx_metrics = topkast_jax.topkast_metrics(optimizer.opt_state)
-  linen_metrics = topkast_jax.topkast_metrics(opt_state)
+  nnx_metrics = topkast_jax.sparsity_metrics(optimizer.opt_state)
+  linen_metrics = topkast_jax.sparsity_metrics(opt_state)
   assert set(nnx_metrics) == set(linen_metrics) and 'hidden/kernel/forward_density' in nnx_metrics
   for k in linen_metrics:
     np.testing.assert_allclose(nnx_metrics[k], linen_metrics[k], rtol=1e-6)

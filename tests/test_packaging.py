@@ -25,7 +25,7 @@ tx = topkast_jax.topkast(optax.sgd(0.1), forward_sparsity=0.5, backward_sparsity
 state = tx.init(params)
 loss, grads = topkast_jax.sparse_value_and_grad(lambda p: jnp.sum(p['w'] ** 2))(params, state)
 updates, state = tx.update(grads, state, params)
-print(float(topkast_jax.topkast_metrics(state)['forward_density']), topkast_jax.__version__)
+print(float(topkast_jax.sparsity_metrics(state)['forward_density']), topkast_jax.__version__)
 """
 
 

@@ -36,4 +36,4 @@ def test_one_epoch_learns_and_is_sparse(tmp_path):
     assert results[method]['final_test_accuracy'] > 0.75  # chance is 0.10
   assert results['topkast']['kernel_forward_sparsity'] == pytest.approx(0.9, abs=1e-3)
   assert results['dense']['kernel_forward_sparsity'] < 0.01
-  assert results['topkast']['topkast_metrics']['forward_density'] == pytest.approx(0.1, abs=1e-3)
+  assert results['topkast']['sparsity_metrics']['forward_density'] == pytest.approx(0.1, abs=1e-3)

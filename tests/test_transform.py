@@ -362,7 +362,7 @@ def test_inject_hyperparams_outside_and_inside():
     for batch in batches(8, 6):
       p, s = jax.jit(make_step(tx))(p, s, batch)
     results.append(p)
-    assert int(topkast_jax.find_topkast_state(s).count) == 6
+    assert int(topkast_jax.find_sparse_state(s).count) == 6
   chex.assert_trees_all_close(results[0], results[2], rtol=1e-6)
   assert jax.tree.all(jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), results[1]))
 
@@ -385,7 +385,7 @@ def test_multisteps_accumulates_then_updates_once():
   )
   u, s_single = single.update(mean, s_single, params)
   chex.assert_trees_all_close(p, optax.apply_updates(params, u), rtol=1e-6)
-  assert int(topkast_jax.find_topkast_state(s_multi).count) == 1
+  assert int(topkast_jax.find_sparse_state(s_multi).count) == 1
 
 
 def test_link_form_in_chain_keeps_c_fixed_under_plain_sgd():
@@ -395,7 +395,7 @@ def test_link_form_in_chain_keeps_c_fixed_under_plain_sgd():
   )
   state = tx.init(params)
   for batch in batches(10, 6):
-    before, b = params, topkast_jax.find_topkast_state(state).backward_mask
+    before, b = params, topkast_jax.find_sparse_state(state).backward_mask
     params, state = make_step(tx)(params, state, batch)
     outside = ~np.asarray(b['out']['kernel'])
     np.testing.assert_array_equal(
@@ -463,13 +463,13 @@ def test_bad_input_raises_at_init_or_update():
   state = tx.init(params)
   other = init_params(d_hidden=11)
   other_grads = jax.tree.map(jnp.zeros_like, other)
-  with pytest.raises(ValueError, match="do not match the topkast state at 'hidden/kernel'"):
+  with pytest.raises(ValueError, match="do not match the optimizer state at 'hidden/kernel'"):
     tx.update(other_grads, state, other)
   with pytest.raises(ValueError, match='structure of the params'):
     sparse_params({'only': jnp.ones((3, 3))}, state)
   with pytest.raises(ValueError, match='needs the current params'):
     tx.update(jax.tree.map(jnp.zeros_like, params), state)
-  with pytest.raises(ValueError, match='exactly one TopKastState'):
+  with pytest.raises(ValueError, match='exactly one sparse-training state'):
     sparse_params(params, optax.sgd(0.1).init(params))
 
 

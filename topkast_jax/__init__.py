@@ -1,28 +1,37 @@
-"""topkast_jax: Top-KAST sparse training (Jayakumar et al., NeurIPS 2020) for JAX, Flax and optax."""
+"""topkast_jax: Top-KAST sparse training (Jayakumar et al., NeurIPS 2020) for JAX, Flax and optax,
+with the methods it is compared with (static masks, SET, RigL, magnitude pruning, STE)."""
 
-from topkast_jax.metrics import topkast_metrics
+from topkast_jax.baselines import magnitude_pruning, rigl, set_sparse, static_sparse, ste
+from topkast_jax.metrics import sparsity_metrics
 from topkast_jax.sparsity import LeafSparsity, path_name, resolve_sparsities
-from topkast_jax.topk import topk_mask, topk_masks
-from topkast_jax.transform import (
+from topkast_jax.states import (
+  MaskState,
   TopKastState,
-  find_topkast_state,
+  find_sparse_state,
   sparse_params,
   sparse_value_and_grad,
-  topkast,
 )
+from topkast_jax.topk import topk_mask, topk_masks
+from topkast_jax.transform import topkast
 
 __version__ = '0.1.0'
 
 __all__ = [
   'LeafSparsity',
+  'MaskState',
   'TopKastState',
-  'find_topkast_state',
+  'find_sparse_state',
+  'magnitude_pruning',
   'path_name',
   'resolve_sparsities',
+  'rigl',
+  'set_sparse',
   'sparse_params',
   'sparse_value_and_grad',
+  'sparsity_metrics',
+  'static_sparse',
+  'ste',
   'topk_mask',
   'topk_masks',
   'topkast',
-  'topkast_metrics',
 ]

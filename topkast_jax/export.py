@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import sparse
 
 from topkast_jax.sparsity import path_name
-from topkast_jax.transform import _check_state_matches, _is_masked, find_topkast_state
+from topkast_jax.states import check_state_matches, find_sparse_state, is_masked
 
 
 def _is_bcoo(x) -> bool:
@@ -29,8 +29,8 @@ def export_sparse(params, opt_state):
     ValueError: if ``opt_state`` holds no Top-KAST state, or one without any sparse leaf, or
       if ``params`` is not the tree the state was initialised with.
   """
-  masks = _check_state_matches(params, find_topkast_state(opt_state))
-  if all(_is_masked(m) for m in masks):
+  masks = check_state_matches(params, find_sparse_state(opt_state))
+  if all(is_masked(m) for m in masks):
     raise ValueError(
       'the optimizer state holds no masks (every parameter is dense): there is nothing sparse '
       'to export. Save the params as they are.'
@@ -38,7 +38,7 @@ def export_sparse(params, opt_state):
   leaves, treedef = jax.tree_util.tree_flatten(params)
   exported = []
   for leaf, mask in zip(leaves, masks):
-    if _is_masked(mask):
+    if is_masked(mask):
       exported.append(leaf)
       continue
     indices = np.argwhere(np.asarray(mask)).astype(np.int32)  # row-major: sorted, unique

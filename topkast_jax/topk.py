@@ -80,7 +80,7 @@ def kth_largest_keys(
 
   Args:
     keys: 1-D unsigned-integer array whose top bit is zero (see `magnitude_keys`).
-    ks: static counts, each in [1, keys.size].
+    ks: counts, each in [1, keys.size]: Python ints or traced int32 scalars.
     method: ``'radix'`` (two scatter-add histogram passes; float32 keys only), ``'bisection'``
       (one compare-and-count pass per bit; no scatter, which suits TPUs) or ``'auto'``: radix
       for float32 arrays of at least 65536 entries off TPU, bisection otherwise.
@@ -89,7 +89,7 @@ def kth_largest_keys(
     ``(thresholds, counts_at_or_above)``, each of shape ``[len(ks)]``.
   """
   n = keys.shape[0]
-  if not ks or any(not 1 <= k <= n for k in ks):
+  if not ks or any(isinstance(k, int) and not 1 <= k <= n for k in ks):
     raise ValueError(f'each k must be in [1, {n}], got {list(ks)}.')
   if method == 'auto':
     radix_fits = keys.dtype == jnp.uint32 and n >= 1 << 16
@@ -145,6 +145,18 @@ def topk_masks(x: jax.Array, ks: Sequence[int], method: str = 'auto') -> tuple[j
     for i, k in enumerate(searched):
       masks[k] = _mask_at_threshold(keys, thresholds[i], counts[i], k).reshape(x.shape)
   return tuple(masks[k] for k in ks)
+
+
+def top_keys_mask(keys: jax.Array, k, method: str = 'auto') -> jax.Array:
+  """Flat mask of the ``k`` largest ``keys`` (ties: lowest index); ``k`` may be traced.
+
+  ``keys`` as for `kth_largest_keys`; ``k`` an int or int32 scalar in [0, keys.size] (a count
+  outside is clipped). The mask holds exactly ``k`` entries.
+  """
+  k = jnp.asarray(k, jnp.int32)
+  searched = jnp.clip(k, 1, keys.shape[0])
+  thresholds, counts = kth_largest_keys(keys, [searched], method)
+  return _mask_at_threshold(keys, thresholds[0], counts[0], searched) & (k > 0)
 
 
 def topk_mask(x: jax.Array, k: int, method: str = 'auto') -> jax.Array:

@@ -6,9 +6,6 @@ The network runs on alpha = theta on A, 0 elsewhere (`sparse_params`); the gradi
 respect to alpha, plus the exploration penalty, is applied to theta on B only.
 """
 
-from typing import Any, NamedTuple
-
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,30 +16,10 @@ from topkast_jax.sparsity import (
   LeafSparsity,
   SparsitySpec,
   check_sparsities,
-  path_name,
   resolve_sparsities,
 )
+from topkast_jax.states import TopKastState, check_state_matches, is_masked
 from topkast_jax.topk import topk_masks
-
-
-class TopKastState(NamedTuple):
-  """State of `topkast`. Per-leaf fields hold ``optax.MaskedNode()`` at dense leaves."""
-
-  count: chex.Array  # int32 scalar: updates since init
-  forward_mask: optax.Params  # bool, like each sparse leaf: A at the last refresh
-  backward_mask: optax.Params  # bool, like each sparse leaf: B at the last refresh (A within B)
-  entered_from_c: (
-    optax.Params
-  )  # bool, like each sparse leaf: ever in C at one refresh, A at the next
-  forward_change: (
-    optax.Params
-  )  # float32 scalar per sparse leaf: share of A replaced at last refresh
-  penalty: optax.Params  # float32 scalar per sparse leaf: exploration penalty at the last update
-  inner_state: optax.OptState  # the wrapped optimizer's state (EmptyState without one)
-
-
-def _is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
 
 
 def _check_static(update_every, exploration_l2):
@@ -159,7 +136,7 @@ def topkast(
     )
     if reset_inner_state_on_exit:
       left_b = jax.tree.map(
-        lambda p, old, new: jnp.zeros((), bool) if _is_masked(old) else old & ~new,
+        lambda p, old, new: jnp.zeros((), bool) if is_masked(old) else old & ~new,
         params_after,
         state.backward_mask,
         backward,
@@ -177,14 +154,14 @@ def topkast(
     if params is None:
       raise ValueError('topkast needs the current params: call tx.update(grads, state, params).')
     specs = leaf_specs(params)
-    _check_state_matches(params, state, specs)
+    check_state_matches(params, state, specs)
     grads, penalty = regularizer.restrict_and_regularise(
       updates, params, state.forward_mask, state.backward_mask, specs, exploration_l2
     )
     new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
     if wrapped:
       new_updates = jax.tree.map(
-        lambda u, b: u if _is_masked(b) else jnp.where(b, u, jnp.zeros_like(u)),
+        lambda u, b: u if is_masked(b) else jnp.where(b, u, jnp.zeros_like(u)),
         new_updates,
         state.backward_mask,
       )
@@ -215,78 +192,3 @@ def topkast(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_state_matches(params, state: TopKastState, specs=None) -> list:
-  """The forward mask (or ``MaskedNode``) of each leaf of ``params``; raises ValueError unless
-  ``params`` is the tree (and, given ``specs``, the sparsity layout) ``state`` was made for.
-
-  Leaves are matched by path, not by tree structure, so params and state may wrap their leaves
-  in different containers (Flax NNX: ``Param`` in the model, ``OptVariable`` in the optimizer).
-  """
-  leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  names = [path_name(p) for p, _ in leaves_with_paths]
-  masks = jax.tree_util.tree_flatten_with_path(state.forward_mask, is_leaf=_is_masked)[0]
-  if names != [path_name(p) for p, _ in masks]:
-    shown = ', '.join(names[:8]) + (', ...' if len(names) > 8 else '')
-    raise ValueError(
-      'params do not have the structure of the params topkast was initialised with '
-      f'(params: {shown}). Re-run tx.init(params) after changing the model.'
-    )
-  mask_leaves = [m for _, m in masks]
-  specs = specs if specs is not None else [not _is_masked(m) for m in mask_leaves]
-  for name, (_, leaf), mask, spec in zip(names, leaves_with_paths, mask_leaves, specs):
-    expected = None if spec is None or spec is False else tuple(jnp.shape(leaf))
-    got = None if _is_masked(mask) else tuple(jnp.shape(mask))
-    if expected != got:
-      raise ValueError(
-        f'params do not match the topkast state at {name!r}: the state holds '
-        f'{"no mask" if got is None else f"a mask of shape {got}"}, the params need '
-        f'{"none (dense)" if expected is None else f"one of shape {expected}"}. Re-run '
-        'tx.init(params) after changing the model or the sparsity settings.'
-      )
-  return mask_leaves
-
-
-def find_topkast_state(opt_state) -> TopKastState:
-  """The single `TopKastState` anywhere inside an optax state (chain, MultiSteps, ...)."""
-  found = [
-    s
-    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, TopKastState))
-    if isinstance(s, TopKastState)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      f'expected exactly one TopKastState inside the optimizer state, found {len(found)}. '
-      'Pass the state of an optimizer built with topkast_jax.topkast (used once).'
-    )
-  return found[0]
-
-
-def sparse_params(params, opt_state) -> Any:
-  """The forward-pass parameters alpha: theta on A, zero elsewhere; dense leaves unchanged.
-
-  Differentiate the loss with respect to the result and pass that gradient to ``tx.update``.
-  """
-  masks = _check_state_matches(params, find_topkast_state(opt_state))
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  return treedef.unflatten(
-    [p if _is_masked(a) else jnp.where(a, p, jnp.zeros_like(p)) for p, a in zip(leaves, masks)]
-  )
-
-
-def sparse_value_and_grad(loss_fn, has_aux: bool = False):
-  """``jax.value_and_grad`` of ``loss_fn`` at the sparse point, in one call.
-
-  ``loss_fn(params, *args)`` is any loss of a parameter pytree. The result is
-  ``f(params, opt_state, *args) -> (value, grads)``: the loss evaluated on
-  ``sparse_params(params, opt_state)`` and its gradient there, which is what ``tx.update``
-  expects. Differentiating at the dense ``params`` instead (a forgotten ``sparse_params``)
-  silently trains a dense forward pass; this makes the right path the short one.
-  """
-  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
-
-  def at_sparse_point(params, opt_state, *args, **kwargs):
-    return value_and_grad(sparse_params(params, opt_state), *args, **kwargs)
-
-  return at_sparse_point

@@ -23,7 +23,7 @@ def forward_sparsity(params, opt_state, sparse: bool) -> dict:
 
 def mask_metrics(opt_state) -> dict:
   """The method's mask metrics (per layer and overall) as Python floats."""
-  metrics = jax.jit(topkast_jax.topkast_metrics)(opt_state)
+  metrics = jax.jit(topkast_jax.sparsity_metrics)(opt_state)
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
@@ -53,7 +53,7 @@ def summary(config, task, start: int, seconds: float, history, state, sparse: bo
   }
   if sparse:
     metrics = mask_metrics(state.opt_state).items()
-    results['topkast_metrics'] = {k: v for k, v in metrics if '/' not in k}
+    results['sparsity_metrics'] = {k: v for k, v in metrics if '/' not in k}
   return results
 
 
