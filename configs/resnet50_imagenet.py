@@ -23,7 +23,7 @@ def get_config():
   )
   config.half_precision = True  # bfloat16 compute on TPU/GPU; parameters stay float32
 
-  config.method = 'topkast'
+  config.method = 'topkast'  # or dense, ste, static, set, rigl, magnitude_pruning
   config.sparsity = ml_collections.ConfigDict(
     dict(
       forward=0.9,
@@ -32,6 +32,11 @@ def get_config():
       exploration_l2=1e-4,
       distribution='uniform',
       dense_first_last=True,
+      # static, set, rigl, magnitude_pruning (RigL's reference defaults; fractions of training):
+      mask_update_every=100,
+      drop_fraction=0.3,  # set, rigl: share of the mask replaced, cosine-decayed to 0
+      begin_fraction=0.0,  # magnitude_pruning: pruning starts
+      end_fraction=0.75,  # set, rigl: last mask update; magnitude_pruning: target reached
     )
   )
 

@@ -37,9 +37,20 @@ def get_config(variant: str = 'large'):
     )
   )
 
-  config.method = 'topkast'
+  config.method = 'topkast'  # or dense, ste, static, set, rigl, magnitude_pruning
   config.sparsity = ml_collections.ConfigDict(
-    dict(forward=0.8, backward=0.0, update_every=100, exploration_l2=0.0, distribution='uniform')
+    dict(
+      forward=0.8,
+      backward=0.0,
+      update_every=100,
+      exploration_l2=0.0,
+      distribution='uniform',
+      # static, set, rigl, magnitude_pruning (RigL's reference defaults; fractions of training):
+      mask_update_every=100,
+      drop_fraction=0.3,  # set, rigl: share of the mask replaced, cosine-decayed to 0
+      begin_fraction=0.0,  # magnitude_pruning: pruning starts
+      end_fraction=0.75,  # set, rigl: last mask update; magnitude_pruning: target reached
+    )
   )
 
   config.optimizer = ml_collections.ConfigDict(

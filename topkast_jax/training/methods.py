@@ -1,4 +1,10 @@
-"""The training method of an experiment, chosen once from ``config.method``."""
+"""The training method of an experiment, chosen once from ``config.method``.
+
+Every method reads its hyper-parameters from ``config.sparsity``: ``forward`` (the target
+forward sparsity) and ``distribution`` for all; ``backward``, ``update_every`` and
+``exploration_l2`` for Top-KAST; ``mask_update_every``, ``drop_fraction``, ``begin_fraction``
+and ``end_fraction`` (shares of the run's steps) for the baselines.
+"""
 
 from typing import NamedTuple
 
@@ -7,7 +13,7 @@ import optax
 
 import topkast_jax
 
-METHODS = ('dense', 'topkast')
+METHODS = ('dense', 'topkast', 'ste', 'static', 'set', 'rigl', 'magnitude_pruning')
 
 
 class Method(NamedTuple):
@@ -22,37 +28,63 @@ def _inner(config, schedule):
   return optax.adam(schedule, b1=o.b1, b2=o.b2)
 
 
-def _topkast_args(config) -> dict:
-  s = config.sparsity
-  return dict(
-    forward_sparsity=s.forward,
-    backward_sparsity=s.backward,
-    update_every=s.update_every,
-    exploration_l2=s.exploration_l2,
-    distribution=s.distribution,
-  )
+def _step(fraction: float, total_steps: int, least: int) -> int:
+  return max(least, round(fraction * total_steps))
 
 
-def check(config) -> None:
+def _wrap(config, inner, total_steps: int, overrides):
+  """``inner`` wrapped by the sparse method of ``config`` (ValueError for bad settings)."""
+  s, name = config.sparsity, config.method
+  common = dict(sparsity=overrides, distribution=s.distribution)
+  if name == 'topkast':
+    return topkast_jax.topkast(
+      inner,
+      forward_sparsity=s.forward,
+      backward_sparsity=s.backward,
+      update_every=s.update_every,
+      exploration_l2=s.exploration_l2,
+      **common,
+    )
+  common['sparsity_level'] = s.forward
+  if name == 'ste':
+    return topkast_jax.ste(inner, **common)
+  if name == 'static':
+    return topkast_jax.static_sparse(inner, seed=config.seed, **common)
+  for field in ('drop_fraction', 'begin_fraction', 'end_fraction'):
+    if not 0.0 <= s[field] <= 1.0:
+      raise ValueError(f'{field} must be in [0, 1] (a share of the run), got {s[field]}.')
+  every = s.mask_update_every
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ValueError(f'mask_update_every must be an int >= 1, got {every!r}.')
+  end_step = _step(s.end_fraction, total_steps, 1)
+  common['update_every'] = every
+  if name == 'magnitude_pruning':
+    begin_step = min(_step(s.begin_fraction, total_steps, 0), end_step)
+    return topkast_jax.magnitude_pruning(inner, begin_step=begin_step, end_step=end_step, **common)
+  grow = topkast_jax.rigl if name == 'rigl' else topkast_jax.set_sparse
+  return grow(inner, end_step=end_step, drop_fraction=s.drop_fraction, seed=config.seed, **common)
+
+
+def check(config, total_steps: int = 1) -> None:
   """Raises ValueError, naming ``config.sparsity``, for invalid method hyper-parameters."""
-  if config.method == 'topkast':
+  if config.method != 'dense':
     try:
-      topkast_jax.topkast(None, **_topkast_args(config))
+      _wrap(config, optax.identity(), total_steps, None)
     except ValueError as e:
       raise ValueError(f'config.sparsity: {e}') from e
 
 
-def build(config, schedule, params, sparsity_overrides=None) -> Method:
-  """The optimizer for ``config.method`` ('dense' or 'topkast'), and whether it is sparse.
+def build(config, schedule, params, total_steps: int, sparsity_overrides=None) -> Method:
+  """The optimizer for ``config.method``, and whether it is sparse.
 
   Weight decay (``config.optimizer.weight_decay``, coupled like the paper's L2 term) applies to
   kernels (ndim >= 2). Under Top-KAST the sparse kernels get the exploration penalty
   (``config.sparsity.exploration_l2``) instead, and weight decay only reaches the kernels that
   stay dense. Gradient clipping (``config.optimizer.clip_norm`` > 0) comes first.
   """
-  s, sparse = config.sparsity, config.method == 'topkast'
+  s, sparse = config.sparsity, config.method != 'dense'
   specs = [None] * len(jax.tree.leaves(params))
-  if sparse:
+  if config.method == 'topkast':
     specs = topkast_jax.resolve_sparsities(
       params, s.forward, s.backward, sparsity_overrides, s.distribution
     )
@@ -64,7 +96,7 @@ def build(config, schedule, params, sparsity_overrides=None) -> Method:
   if config.optimizer.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(config.optimizer.weight_decay, decay_mask), tx)
   if sparse:
-    tx = topkast_jax.topkast(tx, **_topkast_args(config), sparsity=sparsity_overrides)
+    tx = _wrap(config, tx, total_steps, sparsity_overrides)
   if config.optimizer.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.optimizer.clip_norm), tx)
   return Method(tx, sparse)

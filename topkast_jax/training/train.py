@@ -41,7 +41,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   task = TASKS[config.task](config, devices)
   variables = jax.jit(task.init_variables)(jax.random.key(config.seed))
   schedule = schedules.from_config(config, task.steps_per_epoch, task.total_steps)
-  method = methods.build(config, schedule, variables['params'], task.sparsity_overrides)
+  method = methods.build(
+    config, schedule, variables['params'], task.total_steps, task.sparsity_overrides
+  )
   state = jax.device_get(
     state_lib.TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -104,7 +106,7 @@ def train(config, task, method, schedule, state, carry, start, evaluate, logger,
       logger.progress(done, metrics)
       if method.sparse:
         logger.write(
-          done, results.mask_metrics(state_lib.first_replica(state.opt_state)), 'topkast'
+          done, results.mask_metrics(state_lib.first_replica(state.opt_state)), 'sparsity'
         )
     if due(done, config.eval_every_steps, total):
       result = evaluate(state)

@@ -32,7 +32,10 @@ TRANSFORMER_XL = set(
 )
 MODELS = dict.fromkeys(classification.RESNETS, RESNET)
 MODELS['transformer_xl'] = TRANSFORMER_XL
-SPARSITY = {'forward', 'backward', 'update_every', 'exploration_l2', 'distribution'}
+SPARSITY = set(
+  'forward backward update_every exploration_l2 distribution mask_update_every drop_fraction '
+  'begin_fraction end_fraction'.split()
+)
 OPTIMIZERS = {
   'sgd': {'name', 'momentum', 'nesterov', 'weight_decay', 'clip_norm'},
   'adam': {'name', 'b1', 'b2', 'weight_decay', 'clip_norm'},
