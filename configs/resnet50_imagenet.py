@@ -28,7 +28,7 @@ def get_config():
     dict(
       forward=0.9,
       backward=0.8,
-      update_every=100,
+      update_every=1,  # Top-KAST refresh interval: every step, as the paper
       exploration_l2=1e-4,
       distribution='uniform',
       dense_first_last=True,

@@ -42,7 +42,7 @@ def get_config(variant: str = 'large'):
     dict(
       forward=0.8,
       backward=0.0,
-      update_every=100,
+      update_every=1,  # Top-KAST refresh interval: every step, as the paper
       exploration_l2=0.0,
       distribution='uniform',
       # static, set, rigl, magnitude_pruning (RigL's reference defaults; fractions of training):

@@ -1,6 +1,8 @@
 """Top-KAST transformation semantics, against the spec (../shared/topkast_spec.md, sec. 1)."""
 
 import functools
+import inspect
+import warnings
 
 import chex
 import jax
@@ -519,3 +521,15 @@ def test_sparse_value_and_grad_equals_grad_at_sparse_params():
   assert seven == 7 and np.isclose(float(loss_aux), float(loss))
   with pytest.raises(ValueError, match='structure of the params'):
     topkast_jax.sparse_value_and_grad(mlp_loss)({'other': jnp.ones((2, 2))}, state, batch)
+
+
+def test_long_refresh_with_wide_b_warns_and_the_default_does_not():
+  assert inspect.signature(topkast).parameters['update_every'].default == 1  # the paper's
+  with pytest.warns(
+    UserWarning, match=r'update_every=100 with B 10x as wide as A .*update_every=1'
+  ):
+    topkast(optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.0, update_every=100)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    topkast(optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.0)  # every step
+    topkast(optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.8, update_every=100)  # 2x
