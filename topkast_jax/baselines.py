@@ -22,20 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from topkast_jax.sparsity import SparsitySpec, resolve_sparsities
+from topkast_jax.sparsity import SparsitySpec, check_step_count, resolve_sparsities
 from topkast_jax.states import MaskState, check_state_matches, is_masked
 from topkast_jax.topk import magnitude_keys, top_keys_mask
 from topkast_jax.transform import topkast
 
 # update_mask(leaf_index, count, params_after, grad, mask, kept_count) -> new mask
 MaskUpdate = Callable[[int, jax.Array, jax.Array, jax.Array, jax.Array, int], jax.Array]
-
-
-def _check_int(name: str, value, least: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f'{name} must be a Python int, got {value!r}.')
-  if not least <= value < 2**31:
-    raise ValueError(f'{name} must be in [{least}, 2**31) (an int32 step count), got {value}.')
 
 
 def _check_common(method, inner, sparsity_level, distribution, seed) -> None:
@@ -50,7 +43,7 @@ def _check_common(method, inner, sparsity_level, distribution, seed) -> None:
     raise ValueError(f'sparsity_level must be in [0, 1), got {sparsity_level}.')
   if distribution not in ('uniform', 'erk'):
     raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
-  _check_int('seed', seed, 0)
+  check_step_count('seed', seed, 0)
 
 
 def _among(mask: jax.Array, keys: jax.Array) -> jax.Array:
@@ -131,11 +124,13 @@ def _masked(
       new, change = [], []
       for i, (p, u, g, m, spec) in enumerate(zip(leaves, updates, grad_leaves, masks, specs)):
         if spec is None:
-          new.append(m), change.append(optax.MaskedNode())
+          new.append(m)
+          change.append(optax.MaskedNode())
           continue
         n = update_mask(i, count, p + u, g, m, spec.counts(p.size)[0])
         entered = jnp.sum(n & ~m, dtype=jnp.float32)
-        new.append(n), change.append(entered / jnp.maximum(jnp.sum(n, dtype=jnp.float32), 1.0))
+        new.append(n)
+        change.append(entered / jnp.maximum(jnp.sum(n, dtype=jnp.float32), 1.0))
       return new, change
 
     def keep():
@@ -189,20 +184,12 @@ def _drop_fraction_schedule(drop_fraction, end_step) -> optax.Schedule:
 
 
 def _drop_and_grow(
-  method,
-  inner,
-  sparsity_level,
-  update_every,
-  drop_fraction,
-  end_step,
-  sparsity,
-  distribution,
-  seed,
-  grow_keys,
-):
+  method, grow_keys, inner, *, sparsity_level, update_every, drop_fraction, end_step, sparsity,
+  distribution, seed,
+):  # fmt: skip
   _check_common(method, inner, sparsity_level, distribution, seed)
-  _check_int('update_every', update_every, 1)
-  _check_int('end_step', end_step, 1)
+  check_step_count('update_every', update_every, 1)
+  check_step_count('end_step', end_step, 1)
   fraction = _drop_fraction_schedule(drop_fraction, end_step)
   root = jax.random.key(seed)
 
@@ -247,15 +234,15 @@ def set_sparse(
   """
   return _drop_and_grow(
     'set_sparse',
-    inner,
-    sparsity_level,
-    update_every,
-    drop_fraction,
-    end_step,
-    sparsity,
-    distribution,
-    seed,
     lambda key, grad: _random_keys(key, grad.size),
+    inner,
+    sparsity_level=sparsity_level,
+    update_every=update_every,
+    drop_fraction=drop_fraction,
+    end_step=end_step,
+    sparsity=sparsity,
+    distribution=distribution,
+    seed=seed,
   )
 
 
@@ -277,15 +264,15 @@ def rigl(
   """
   return _drop_and_grow(
     'rigl',
-    inner,
-    sparsity_level,
-    update_every,
-    drop_fraction,
-    end_step,
-    sparsity,
-    distribution,
-    seed,
     lambda key, grad: magnitude_keys(grad),
+    inner,
+    sparsity_level=sparsity_level,
+    update_every=update_every,
+    drop_fraction=drop_fraction,
+    end_step=end_step,
+    sparsity=sparsity,
+    distribution=distribution,
+    seed=seed,
   )
 
 
@@ -308,9 +295,9 @@ def magnitude_pruning(
   magnitudes among the weights still in use. Pruned weights never return.
   """
   _check_common('magnitude_pruning', inner, sparsity_level, distribution, 0)
-  _check_int('update_every', update_every, 1)
-  _check_int('begin_step', begin_step, 0)
-  _check_int('end_step', end_step, begin_step)
+  check_step_count('update_every', update_every, 1)
+  check_step_count('begin_step', begin_step, 0)
+  check_step_count('end_step', end_step, begin_step)
 
   def update_mask(i, count, weights, grad, mask, final_count):
     span = max(end_step - begin_step, 1)

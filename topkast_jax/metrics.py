@@ -20,44 +20,34 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
   """
   state = find_sparse_state(opt_state)
   topkast = isinstance(state, TopKastState)
-  fields = ['forward_mask', 'forward_change']
-  fields += ['backward_mask', 'entered_from_c', 'penalty'] if topkast else []
+  keys = ['forward_density', 'forward_change']
+  keys += ['backward_density', 'entered_from_c', 'penalty'] if topkast else []
+  extra = ('backward_mask', 'entered_from_c', 'penalty') if topkast else ()
+  columns = [
+    jax.tree_util.tree_leaves(getattr(state, f), is_leaf=is_masked)
+    for f in ('forward_change', *extra)
+  ]
   named = jax.tree_util.tree_flatten_with_path(state.forward_mask, is_leaf=is_masked)[0]
-  columns = [jax.tree_util.tree_leaves(getattr(state, f), is_leaf=is_masked) for f in fields]
-  out, totals = {}, dict.fromkeys(('forward', 'change', 'backward', 'entered', 'penalty'), 0.0)
-  size = 0
-  for (path, a), *values in zip(named, *columns[1:]):
+  out, totals, size = {}, {k: [0.0, 0.0] for k in keys}, 0
+  for (path, a), change, *more in zip(named, *columns):
     if is_masked(a):
       continue
-    n = a.size
-    counts = {'forward': jnp.sum(a, dtype=jnp.float32), 'change': values[0]}
+    n, count = a.size, jnp.sum(a, dtype=jnp.float32)
+    # (numerator, denominator): a leaf's value is their ratio, the overall value the ratio of
+    # their sums (a denominator of 0 makes a plain sum: the penalty).
+    parts = {'forward_density': (count, n), 'forward_change': (change * count, count)}
     if topkast:
-      counts['backward'] = jnp.sum(values[1], dtype=jnp.float32)
-      counts['entered'] = jnp.sum(values[2], dtype=jnp.float32)
-      counts['penalty'] = values[3]
-    if per_leaf:
-      leaf = {k: v if k in ('change', 'penalty') else v / n for k, v in counts.items()}
-      out.update({f'{path_name(path)}/{_NAMES[k]}': v for k, v in leaf.items()})
-    totals['change'] += counts['change'] * counts['forward']
-    for k in ('forward', 'backward', 'entered', 'penalty'):
-      totals[k] += counts.get(k, 0.0)
+      backward, entered, penalty = more
+      parts['backward_density'] = (jnp.sum(backward, dtype=jnp.float32), n)
+      parts['entered_from_c'] = (jnp.sum(entered, dtype=jnp.float32), n)
+      parts['penalty'] = (penalty, 0)
+    for key, (num, den) in parts.items():
+      if per_leaf:
+        out[f'{path_name(path)}/{key}'] = num / jnp.maximum(den, 1)
+      totals[key][0] += num
+      totals[key][1] += den
     size += n
-  out['forward_density'] = jnp.asarray(totals['forward'] / max(size, 1), jnp.float32)
-  out['forward_change'] = jnp.asarray(
-    totals['change'] / jnp.maximum(totals['forward'], 1.0), jnp.float32
-  )
-  if topkast:
-    out['backward_density'] = jnp.asarray(totals['backward'] / max(size, 1), jnp.float32)
-    out['entered_from_c'] = jnp.asarray(totals['entered'] / max(size, 1), jnp.float32)
-    out['penalty'] = jnp.asarray(totals['penalty'], jnp.float32)
+  for key, (num, den) in totals.items():
+    out[key] = jnp.asarray(num / jnp.maximum(den, 1.0), jnp.float32)
   out['sparse_weights'] = jnp.asarray(size, jnp.int32)
   return out
-
-
-_NAMES = dict(
-  forward='forward_density',
-  change='forward_change',
-  backward='backward_density',
-  entered='entered_from_c',
-  penalty='penalty',
-)

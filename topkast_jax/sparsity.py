@@ -94,6 +94,14 @@ def check_sparsities(forward: float, backward: float, where: str = '') -> None:
     )
 
 
+def check_step_count(name: str, value, least: int) -> None:
+  """Raises ValueError unless ``value`` is a Python int in [least, 2**31) (an int32 count)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f'{name} must be a Python int, got {value!r}.')
+  if not least <= value < 2**31:
+    raise ValueError(f'{name} must be in [{least}, 2**31) (an int32 step count), got {value}.')
+
+
 _Spec = bool | float | tuple[float, float]
 SparsitySpec = None | Mapping[str, _Spec] | Callable[[str, Any], _Spec]
 

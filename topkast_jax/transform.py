@@ -18,6 +18,7 @@ from topkast_jax.sparsity import (
   LeafSparsity,
   SparsitySpec,
   check_sparsities,
+  check_step_count,
   resolve_sparsities,
 )
 from topkast_jax.states import TopKastState, check_state_matches, is_masked
@@ -25,12 +26,7 @@ from topkast_jax.topk import topk_masks
 
 
 def _check_static(update_every, exploration_l2):
-  if isinstance(update_every, bool) or not isinstance(update_every, (int, np.integer)):
-    raise ValueError(f'update_every must be a Python int, got {update_every!r}.')
-  if not 1 <= update_every < 2**31:
-    raise ValueError(
-      f'update_every must be in [1, 2**31) (an int32 step count), got {update_every}.'
-    )
+  check_step_count('update_every', update_every, 1)
   if isinstance(exploration_l2, bool) or not isinstance(
     exploration_l2, (int, float, np.number, jax.Array, np.ndarray)
   ):
