@@ -1,19 +1,28 @@
-"""Per-step cost of Top-KAST against dense training, for a small CNN and an MLP.
+"""Per-step cost of Top-KAST against dense training, for the models of the configs and two toys.
 
 Each configuration jits a whole train step (forward, backward, optimizer, apply). Rounds
-interleave the configurations so machine noise hits them alike; each round times
-``--steps`` consecutive steps (so refreshes every 100 steps are included at their real rate),
-and the median over rounds is reported as milliseconds per step and as a ratio to dense.
-Top-KAST adds a few elementwise passes over the parameters per step (mask the forward
-weights, restrict the gradient, mask the update), so its ratio falls as the work per
-parameter (batch size, spatial size) grows; a batch-64 MLP step is mostly such passes.
+interleave dense and sparse so machine noise hits them alike; each round times ``steps``
+consecutive steps, and the median over rounds is reported as milliseconds per step and as a
+ratio to dense. Models, with the sparsity, optimizer and batch of their config:
 
-  python benchmarks/step_overhead.py [--rounds 7] [--steps 200]
+* ``resnet``: the quarter-width ResNet-18 of ``configs/resnet_fashion_mnist.py`` (0.8 / 0.5,
+  first conv and head dense, SGD Nesterov, batch 128 of 28x28);
+* ``transformer_xl``: the 2-layer Transformer-XL of ``configs/transformer_xl_sotu.py``
+  (0.8 / 0, attention and feed-forward kernels sparse, Adam, 16 x 128 tokens, memory 128);
+* ``cnn`` and ``mlp``: a small CNN (batch 64) and a 784-512-512-10 MLP (batch 256), 0.9 / 0.8
+  with the exploration penalty, SGD momentum; a batch-256 MLP step is mostly elementwise
+  passes over the weights, the worst case for Top-KAST's extra passes.
+
+Top-KAST refreshes its masks every step (the default) and, for comparison, every 100 steps.
+Random inputs: only the time is measured.
+
+  python benchmarks/step_overhead.py [--rounds 5] [--models resnet,transformer_xl,cnn,mlp]
 """
 
 import argparse
 import statistics
 import time
+import warnings
 
 import flax.linen as nn
 import jax
@@ -22,6 +31,7 @@ import numpy as np
 import optax
 
 import topkast_jax
+from topkast_jax import models
 
 
 class SmallCNN(nn.Module):
@@ -44,35 +54,87 @@ class MLP(nn.Module):
     return nn.Dense(10)(x)
 
 
-def make_steps(model, params):
-  def loss_fn(p, x, y):
-    logits = model.apply({'params': p}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+def classifier(model, batch, rng):
+  """(loss_fn(params, batch), params, batch) of an image classifier on random images."""
+  x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, batch))
+  variables = model.init(jax.random.key(0), x)
+  params, extra = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
 
-  def optimizer():
-    return optax.sgd(0.05, momentum=0.9, nesterov=True)
+  def loss_fn(p, data):
+    if extra:  # BatchNorm in training mode; its running statistics are not carried
+      logits, _ = model.apply({'params': p, **extra}, data[0], train=True, mutable=list(extra))
+    else:
+      logits = model.apply({'params': p}, data[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, data[1]).mean()
 
+  return loss_fn, params, (x, y)
+
+
+def transformer_xl(rng):
+  config = dict(n_layer=2, d_model=256, n_head=4, d_head=64, d_inner=1024, mem_len=128)
+  model = models.TransformerXL(vocab_size=256, dropout=0.0, **config)
+  tokens = jnp.asarray(rng.integers(0, 256, (16, 129)), jnp.int32)
+  mems = tuple(jnp.asarray(rng.standard_normal((16, 128, 256)), jnp.float32) for _ in range(2))
+  params = model.init(jax.random.key(0), tokens[:, :-1])['params']
+
+  def loss_fn(p, data):
+    tokens, mems = data
+    log_probs, _ = model.apply({'params': p}, tokens[:, :-1], mems)
+    targets = tokens[:, 1:, None]
+    return -jnp.take_along_axis(log_probs, targets, axis=-1).mean()
+
+  return loss_fn, params, (tokens, mems)
+
+
+MODELS = ('resnet', 'transformer_xl', 'cnn', 'mlp')
+
+
+def setup(name, rng):
+  """(loss_fn, params, batch, optimizer, topkast keyword arguments) of one model."""
+  sgd = lambda: optax.sgd(0.05, momentum=0.9, nesterov=True)  # noqa: E731
+  toy = dict(forward_sparsity=0.9, backward_sparsity=0.8, exploration_l2=1e-4)
+  resnet = models.ResNet18(num_classes=10, width=16, stem='small', zero_init_last_bn=True)
+  make = {
+    'resnet': lambda: (
+      *classifier(resnet, 128, rng),
+      sgd,
+      dict(
+        forward_sparsity=0.8,
+        backward_sparsity=0.5,
+        exploration_l2=1e-4,
+        sparsity=models.resnet_sparsity(),
+      ),
+    ),
+    'transformer_xl': lambda: (
+      *transformer_xl(rng),
+      lambda: optax.adam(5e-4),
+      dict(forward_sparsity=0.8, backward_sparsity=0.0, sparsity=models.transformer_xl_sparsity()),
+    ),
+    'cnn': lambda: (*classifier(SmallCNN(), 64, rng), sgd, toy),
+    'mlp': lambda: (*classifier(MLP(), 256, rng), sgd, toy),
+  }
+  return make[name]()
+
+
+def make_steps(loss_fn, params, optimizer, sparse_kwargs):
+  """name -> (jitted step(params, state, batch), initial state)."""
   dense_tx = optimizer()
 
   @jax.jit
-  def dense_step(p, s, x, y):
-    grads = jax.grad(loss_fn)(p, x, y)
-    updates, s = dense_tx.update(grads, s, p)
+  def dense_step(p, s, batch):
+    updates, s = dense_tx.update(jax.grad(loss_fn)(p, batch), s, p)
     return optax.apply_updates(p, updates), s
 
   steps = {'dense': (dense_step, dense_tx.init(params))}
-  for every in (100, 1):
-    tx = topkast_jax.topkast(
-      optimizer(),
-      forward_sparsity=0.9,
-      backward_sparsity=0.8,
-      update_every=every,
-      exploration_l2=1e-4,
-    )
+  for every in (1, 100):
+    with warnings.catch_warnings():  # a 100-step refresh at 0.8 / 0 warns; timed all the same
+      warnings.simplefilter('ignore', UserWarning)
+      tx = topkast_jax.topkast(optimizer(), update_every=every, **sparse_kwargs)
 
     @jax.jit
-    def sparse_step(p, s, x, y, tx=tx):
-      grads = jax.grad(loss_fn)(topkast_jax.sparse_params(p, s), x, y)
+    def sparse_step(p, s, batch, tx=tx):
+      grads = jax.grad(loss_fn)(topkast_jax.sparse_params(p, s), batch)
       updates, s = tx.update(grads, s, p)
       return optax.apply_updates(p, updates), s
 
@@ -80,55 +142,51 @@ def make_steps(model, params):
   return steps
 
 
-def time_steps(step, params, state, x, y, n):
+def time_steps(step, params, state, batch, n):
   start = time.perf_counter()
   for _ in range(n):
-    params, state = step(params, state, x, y)
+    params, state = step(params, state, batch)
   jax.block_until_ready(params)
   return (time.perf_counter() - start) / n, params, state
 
 
-def benchmark(name, model, x, y, rounds, n):
-  params = model.init(jax.random.key(0), x)['params']
-  size = sum(p.size for p in jax.tree.leaves(params))
-  steps = make_steps(model, params)
+def benchmark(name, loss_fn, params, batch, optimizer, sparse_kwargs, rounds, seconds):
+  steps = make_steps(loss_fn, params, optimizer, sparse_kwargs)
   carry = {k: (params, s) for k, (_, s) in steps.items()}
-  times = {k: [] for k in steps}
   for k, (step, _) in steps.items():  # compile and warm up
-    _, *carry[k] = time_steps(step, *carry[k], x, y, 2)
+    _, *carry[k] = time_steps(step, *carry[k], batch, 2)
+  dense_step_seconds, *carry['dense'] = time_steps(steps['dense'][0], *carry['dense'], batch, 3)
+  n = max(3, round(seconds / dense_step_seconds))  # steps per round: about `seconds` of dense
+  times = {k: [] for k in steps}
   for _ in range(rounds):
     for k, (step, _) in steps.items():
-      seconds, *carry[k] = time_steps(step, *carry[k], x, y, n)
-      times[k].append(seconds)
+      elapsed, *carry[k] = time_steps(step, *carry[k], batch, n)
+      times[k].append(elapsed)
   dense = statistics.median(times['dense'])
-  print(f'{name}: {size:,} parameters, batch {x.shape[0]}, {rounds} rounds x {n} steps')
+  size = sum(p.size for p in jax.tree.leaves(params))
+  print(f'{name}: {size:,} parameters, {rounds} rounds x {n} steps')
   for k, ts in times.items():
     median = statistics.median(ts)
-    print(f'  {k:18s} {median * 1e3:8.3f} ms/step  ratio_vs_dense={median / dense:.3f}')
+    print(f'  {k:18s} {median * 1e3:9.3f} ms/step  ratio_vs_dense={median / dense:.3f}')
   return {k: statistics.median(ts) / dense for k, ts in times.items()}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--rounds', type=int, default=7)
-  parser.add_argument('--steps', type=int, default=200)
-  parser.add_argument('--cnn-batch', type=int, default=64)
-  parser.add_argument('--mlp-batch', type=int, default=256)
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--seconds', type=float, default=1.5, help='per round and configuration')
+  parser.add_argument('--models', default='resnet,transformer_xl,cnn,mlp')
   args = parser.parse_args()
+  chosen = args.models.split(',')
+  unknown = sorted(set(chosen) - set(MODELS))
+  if unknown:
+    parser.error(f'unknown models {unknown}; choose from {", ".join(MODELS)}')
+  print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)')
   rng = np.random.default_rng(0)
-
-  def data(batch):
-    return (
-      jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), jnp.float32),
-      jnp.asarray(rng.integers(0, 10, batch)),
-    )
-
-  print(f'jax {jax.__version__} on {jax.devices()[0].platform}')
-  cnn = benchmark('small CNN', SmallCNN(), *data(args.cnn_batch), args.rounds, args.steps)
-  mlp = benchmark('MLP', MLP(), *data(args.mlp_batch), args.rounds, args.steps)
-  for every in (100, 1):
+  ratios = {m: benchmark(m, *setup(m, rng), args.rounds, args.seconds) for m in chosen}
+  for every in (1, 100):
     key = f'topkast_every_{every}'
-    print(f'ratio_every_{every}: cnn={cnn[key]:.3f} mlp={mlp[key]:.3f}')
+    print(f'ratio_every_{every}: ' + ' '.join(f'{m}={r[key]:.3f}' for m, r in ratios.items()))
 
 
 if __name__ == '__main__':

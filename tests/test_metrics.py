@@ -12,7 +12,13 @@ def test_known_mask_dynamics_and_penalty():
   lam = 0.01
   w = jnp.arange(1.0, 11.0)[None, :]  # |A| = 2 (indices 8, 9), |B| = 5 (indices 5..9)
   params = {'w': w, 'v': jnp.ones((2, 10)), 'bias': jnp.zeros(3)}
-  tx = topkast(forward_sparsity=0.8, backward_sparsity=0.5, update_every=1, exploration_l2=lam)
+  tx = topkast(
+    forward_sparsity=0.8,
+    backward_sparsity=0.5,
+    update_every=1,
+    exploration_l2=lam,
+    track_mask_changes=True,
+  )
   state = tx.init(params)
   # Index 0 jumps from C into A, index 5 from B \ A into A: both old members of A leave it.
   moved = w.at[0, 0].set(100.0).at[0, 5].set(50.0)
@@ -38,16 +44,12 @@ def test_known_mask_dynamics_and_penalty():
   assert not any(k.startswith('bias') for k in m)
 
 
-def test_overall_only():
+@pytest.mark.parametrize('tracked', [True, False])
+def test_overall_only(tracked):
   params = {'w': jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)}
-  state = topkast(forward_sparsity=0.75, backward_sparsity=0.5).init(params)
+  tx = topkast(forward_sparsity=0.75, backward_sparsity=0.5, track_mask_changes=tracked)
+  state = tx.init(params)
   m = sparsity_metrics(state, per_leaf=False)
-  assert set(m) == {
-    'forward_density',
-    'backward_density',
-    'forward_change',
-    'entered_from_c',
-    'penalty',
-    'sparse_weights',
-  }
+  changes = {'forward_change', 'entered_from_c'} if tracked else set()
+  assert set(m) == {'forward_density', 'backward_density', 'penalty', 'sparse_weights'} | changes
   assert float(m['forward_density']) == pytest.approx(0.25)

@@ -533,3 +533,34 @@ def test_long_refresh_with_wide_b_warns_and_the_default_does_not():
     warnings.simplefilter('error')
     topkast(optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.0)  # every step
     topkast(optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.8, update_every=100)  # 2x
+
+
+def test_tracking_mask_changes_only_adds_diagnostics():
+  def run(tracked):
+    tx = topkast(
+      optax.sgd(0.1, momentum=0.9),
+      forward_sparsity=FWD,
+      backward_sparsity=0.5,
+      exploration_l2=1e-3,
+      track_mask_changes=tracked,
+    )
+    params = init_params()
+    state = tx.init(params)
+    step = jax.jit(make_step(tx))
+    changes = []
+    for batch in batches(2, 20):
+      params, state = step(params, state, batch)
+      changes.append(state.forward_change and float(state.forward_change['hidden']['kernel']))
+    return params, state, changes
+
+  params, state, _ = run(False)
+  tracked_params, tracked_state, changes = run(True)
+  chex.assert_trees_all_equal(params, tracked_params)
+  chex.assert_trees_all_equal(
+    (state.forward_mask, state.backward_mask, state.inner_state),
+    (tracked_state.forward_mask, tracked_state.backward_mask, tracked_state.inner_state),
+  )
+  assert state.entered_from_c is None and state.forward_change is None
+  # The masks moved, so the tracked diagnostics have something to show.
+  assert max(changes) > 0
+  assert tracked_state.entered_from_c['hidden']['kernel'].shape == (12, 10)

@@ -15,37 +15,40 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
   static masks and for magnitude pruning, which only removes) and ``sparse_weights`` (n).
   Top-KAST adds ``backward_density`` (|B| / n), ``entered_from_c`` (share of weights that ever
   moved from C into A; the paper's Fig. 3) and ``penalty`` (the exploration penalty at the last
-  update, summed). With ``per_leaf``, the same per sparse leaf as ``<path>/<name>``. All
+  update, summed); ``forward_change`` and ``entered_from_c`` need ``topkast(...,
+  track_mask_changes=True)``. With ``per_leaf``, the same per sparse leaf as ``<path>/<name>``. All
   reductions over boolean masks: cheap to log every step.
   """
   state = find_sparse_state(opt_state)
   topkast = isinstance(state, TopKastState)
-  keys = ['forward_density', 'forward_change']
-  keys += ['backward_density', 'entered_from_c', 'penalty'] if topkast else []
-  extra = ('backward_mask', 'entered_from_c', 'penalty') if topkast else ()
-  columns = [
-    jax.tree_util.tree_leaves(getattr(state, f), is_leaf=is_masked)
-    for f in ('forward_change', *extra)
-  ]
+  tracked = state.forward_change is not None  # Top-KAST without track_mask_changes: None
+  fields = ['forward_change'] if tracked else []
+  if topkast:
+    fields += ['backward_mask', 'penalty'] + (['entered_from_c'] if tracked else [])
+  columns = {f: jax.tree_util.tree_leaves(getattr(state, f), is_leaf=is_masked) for f in fields}
   named = jax.tree_util.tree_flatten_with_path(state.forward_mask, is_leaf=is_masked)[0]
-  out, totals, size = {}, {k: [0.0, 0.0] for k in keys}, 0
-  for (path, a), change, *more in zip(named, *columns):
+  out, totals, size = {}, {}, 0
+  for i, (path, a) in enumerate(named):
     if is_masked(a):
       continue
+    leaf = {f: column[i] for f, column in columns.items()}
     n, count = a.size, jnp.sum(a, dtype=jnp.float32)
     # (numerator, denominator): a leaf's value is their ratio, the overall value the ratio of
     # their sums (a denominator of 0 makes a plain sum: the penalty).
-    parts = {'forward_density': (count, n), 'forward_change': (change * count, count)}
+    parts = {'forward_density': (count, n)}
+    if tracked:
+      parts['forward_change'] = (leaf['forward_change'] * count, count)
     if topkast:
-      backward, entered, penalty = more
-      parts['backward_density'] = (jnp.sum(backward, dtype=jnp.float32), n)
-      parts['entered_from_c'] = (jnp.sum(entered, dtype=jnp.float32), n)
-      parts['penalty'] = (penalty, 0)
+      parts['backward_density'] = (jnp.sum(leaf['backward_mask'], dtype=jnp.float32), n)
+      parts['penalty'] = (leaf['penalty'], 0)
+    if 'entered_from_c' in leaf:
+      parts['entered_from_c'] = (jnp.sum(leaf['entered_from_c'], dtype=jnp.float32), n)
     for key, (num, den) in parts.items():
       if per_leaf:
         out[f'{path_name(path)}/{key}'] = num / jnp.maximum(den, 1)
-      totals[key][0] += num
-      totals[key][1] += den
+      total = totals.setdefault(key, [0.0, 0.0])
+      total[0] += num
+      total[1] += den
     size += n
   for key, (num, den) in totals.items():
     out[key] = jnp.asarray(num / jnp.maximum(den, 1.0), jnp.float32)

@@ -9,15 +9,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from topkast_jax.sparsity import LeafSparsity
-
-
-def penalty_scale(forward_mask, backward_mask, spec: LeafSparsity) -> jax.Array:
-  """1 on A, 1/D on B \\ A, 0 on C (float32)."""
-  return jnp.where(
-    forward_mask, 1.0, jnp.where(backward_mask, 1.0 / spec.forward_density, 0.0)
-  ).astype(jnp.float32)
-
 
 def restrict_and_regularise(grads, params, forward_mask, backward_mask, specs, exploration_l2):
   """Gradient on B plus the penalty's gradient, and the per-leaf penalty value.
@@ -44,15 +35,17 @@ def restrict_and_regularise(grads, params, forward_mask, backward_mask, specs, e
       new_grads.append(g)
       penalties.append(optax.MaskedNode())
       continue
-    restricted = jnp.where(b, g, jnp.zeros_like(g))
     if no_penalty:
-      new_grads.append(restricted)
+      new_grads.append(jnp.where(b, g, jnp.zeros_like(g)))
       penalties.append(jnp.zeros((), jnp.float32))
       continue
-    on_b = jnp.where(b, p, jnp.zeros_like(p)).astype(jnp.float32)  # no 0 * inf from C
-    weighted = exploration_l2 * penalty_scale(a, b, spec) * on_b
-    new_grads.append(restricted + weighted.astype(g.dtype))
-    penalties.append(0.5 * jnp.sum(weighted * on_b))
+    # One select chain per leaf (A, then B \\ A, then C) so XLA fuses it into a single pass.
+    lam_a = jnp.asarray(exploration_l2, jnp.float32)
+    lam_b = lam_a / spec.forward_density
+    p32 = p.astype(jnp.float32)
+    weighted = jnp.where(a, lam_a * p32, jnp.where(b, lam_b * p32, 0.0))
+    new_grads.append(jnp.where(b, g + weighted.astype(g.dtype), jnp.zeros_like(g)))
+    penalties.append(0.5 * jnp.sum(weighted * jnp.where(b, p32, 0.0)))
   return (
     jax.tree_util.tree_unflatten(treedef, new_grads),
     jax.tree_util.tree_unflatten(treedef, penalties),

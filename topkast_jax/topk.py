@@ -49,27 +49,48 @@ def _bisection_search(keys, ks):
 
 
 _LOW_BITS = 15  # float32 keys: 16 high bits (top one always zero), then 15 low bits.
+_GROUP = 256  # histogram bins per group of the two-level scan
+
+
+def _reverse_cumsum(x):
+  return jnp.cumsum(x[::-1])[::-1]
+
+
+def _crossing(hist, k, above):
+  """Highest bin j with ``above + count(bins >= j) >= k``, and that count.
+
+  A two-level scan (group sums, then one group's bins): a prefix sum over the whole histogram
+  costs as much as the histogram itself on CPU.
+  """
+  rows = hist.reshape(-1, _GROUP)
+  group_sums = rows.sum(axis=1)
+  group_at_or_above = _reverse_cumsum(group_sums) + above
+  g = jnp.sum(group_at_or_above >= k) - 1
+  bins_at_or_above = _reverse_cumsum(rows[g]) + group_at_or_above[g] - group_sums[g]
+  r = jnp.sum(bins_at_or_above >= k) - 1
+  return g * _GROUP + r, bins_at_or_above[r]
 
 
 def _radix_search(keys, ks):
-  """Two histogram passes over 31-bit keys: high digit for every k, then each k's low digit."""
-  k_vec = jnp.asarray(ks, jnp.int32)
+  """Two scatter-add histogram passes over 31-bit keys: the high digit, then every low digit."""
   high = (keys >> _LOW_BITS).astype(jnp.int32)
   high_hist = jnp.zeros(1 << (31 - _LOW_BITS), jnp.int32).at[high].add(1)
-  at_or_above = jnp.cumsum(high_hist[::-1])[::-1]
-  bucket = jnp.sum(at_or_above[None, :] >= k_vec[:, None], axis=1) - 1
-  strictly_above = at_or_above[bucket] - high_hist[bucket]
+  buckets, at_or_above = (jnp.stack(v) for v in zip(*(_crossing(high_hist, k, 0) for k in ks)))
+  strictly_above = at_or_above - high_hist[buckets]
+  # One pass for the low digits of every k: keys in the i-th chosen bucket count in the i-th
+  # histogram (the first i if buckets repeat), the rest in an overflow bin that is dropped.
+  size = 1 << _LOW_BITS
+  low = (keys & (size - 1)).astype(jnp.int32)
+  index = jnp.full(keys.shape, len(ks) * size, jnp.int32)
+  for i in reversed(range(len(ks))):
+    index = jnp.where(high == buckets[i], i * size + low, index)
+  low_hist = jnp.zeros(len(ks) * size + 1, jnp.int32).at[index].add(1)[:-1].reshape(-1, size)
+  first = jnp.argmax(buckets[None, :] == buckets[:, None], axis=1)
   thresholds, counts = [], []
   for i, k in enumerate(ks):
-    # Keys outside the chosen bucket go to an overflow bin that is dropped.
-    low = jnp.where(
-      high == bucket[i], (keys & ((1 << _LOW_BITS) - 1)).astype(jnp.int32), 1 << _LOW_BITS
-    )
-    low_hist = jnp.zeros((1 << _LOW_BITS) + 1, jnp.int32).at[low].add(1)[:-1]
-    low_at_or_above = jnp.cumsum(low_hist[::-1])[::-1] + strictly_above[i]
-    digit = jnp.sum(low_at_or_above >= k) - 1
-    thresholds.append((bucket[i].astype(jnp.uint32) << _LOW_BITS) | digit.astype(jnp.uint32))
-    counts.append(low_at_or_above[digit])
+    digit, count = _crossing(low_hist[first[i]], k, strictly_above[i])
+    thresholds.append((buckets[i].astype(jnp.uint32) << _LOW_BITS) | digit.astype(jnp.uint32))
+    counts.append(count)
   return jnp.stack(thresholds), jnp.stack(counts)
 
 
@@ -83,7 +104,7 @@ def kth_largest_keys(
     ks: counts, each in [1, keys.size]: Python ints or traced int32 scalars.
     method: ``'radix'`` (two scatter-add histogram passes; float32 keys only), ``'bisection'``
       (one compare-and-count pass per bit; no scatter, which suits TPUs) or ``'auto'``: radix
-      for float32 arrays of at least 65536 entries off TPU, bisection otherwise.
+      for float32 arrays of at least 4096 entries off TPU, bisection otherwise.
 
   Returns:
     ``(thresholds, counts_at_or_above)``, each of shape ``[len(ks)]``.
@@ -92,7 +113,7 @@ def kth_largest_keys(
   if not ks or any(isinstance(k, int) and not 1 <= k <= n for k in ks):
     raise ValueError(f'each k must be in [1, {n}], got {list(ks)}.')
   if method == 'auto':
-    radix_fits = keys.dtype == jnp.uint32 and n >= 1 << 16
+    radix_fits = keys.dtype == jnp.uint32 and n >= 1 << 12
     method = 'radix' if radix_fits and jax.default_backend() != 'tpu' else 'bisection'
   if method == 'radix':
     if keys.dtype != jnp.uint32:
@@ -103,6 +124,21 @@ def kth_largest_keys(
   raise ValueError(f"method must be 'auto', 'radix' or 'bisection', got {method!r}.")
 
 
+def _index_after_nth_true(flags, needed):
+  """Flat index just after the ``needed``-th True of ``flags`` (needed >= 1, and that many exist).
+
+  Two levels (block counts, then one block) instead of a prefix sum over the whole array.
+  """
+  n = flags.shape[0]
+  width = 1 << max(8, (n.bit_length() + 1) // 2)  # about sqrt(n), a power of two
+  rows = jnp.pad(flags, (0, -n % width)).reshape(-1, width)
+  block_counts = jnp.sum(rows, axis=1, dtype=jnp.int32)
+  through_block = jnp.cumsum(block_counts)
+  b = jnp.sum(through_block < needed)
+  within = jnp.cumsum(rows[b], dtype=jnp.int32) + through_block[b] - block_counts[b]
+  return b * width + jnp.sum(within < needed) + 1
+
+
 def _mask_at_threshold(keys, threshold, count_at_or_above, k):
   """The k largest keys: all above the threshold, then ties in index order."""
 
@@ -111,10 +147,11 @@ def _mask_at_threshold(keys, threshold, count_at_or_above, k):
 
   def with_straddling_ties():
     at = keys == threshold
-    needed = k - jnp.sum(keys > threshold, dtype=jnp.int32)
-    return (keys > threshold) | (at & (jnp.cumsum(at, dtype=jnp.int32) <= needed))
+    above = count_at_or_above - jnp.sum(at, dtype=jnp.int32)
+    end = _index_after_nth_true(at, k - above)
+    return (keys > threshold) | (at & (jnp.arange(keys.shape[0]) < end))
 
-  # The prefix sum costs more than the whole search, so it only runs when ties cross the cut.
+  # Only when ties cross the cut do positions matter.
   return jax.lax.cond(count_at_or_above == k, without_straddling_ties, with_straddling_ties)
 
 

@@ -6,6 +6,7 @@ The network runs on alpha = theta on A, 0 elsewhere (`sparse_params`); the gradi
 respect to alpha, plus the exploration penalty, is applied to theta on B only.
 """
 
+import functools
 import warnings
 
 import jax
@@ -76,6 +77,7 @@ def topkast(
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
   reset_inner_state_on_exit: bool = False,
+  track_mask_changes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Top-KAST sparse training around (or, without ``inner``, before) an optimizer.
 
@@ -104,6 +106,10 @@ def topkast(
     distribution: 'uniform' (the paper) or 'erk' allocation of the global density.
     reset_inner_state_on_exit: zero the wrapped optimizer's per-parameter state (momentum,
       moments) of a weight when it leaves B at a refresh. Default: keep it.
+    track_mask_changes: keep the state's ``forward_change`` (share of A new at each refresh)
+      and ``entered_from_c`` (weights that ever moved from C into A; the paper's Fig. 3). They
+      cost two passes over the masks per refresh and a bool per weight, so they are off by
+      default (the fields are then None).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is a `TopKastState`.
@@ -125,40 +131,43 @@ def topkast(
     return resolve_sparsities(params, forward_sparsity, backward_sparsity, sparsity, distribution)
 
   def refresh(params):
+    """(A, B, |A|) per leaf; ``optax.MaskedNode()`` at dense leaves."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    pairs = [_masks_for(x, s) for x, s in zip(leaves, leaf_specs(params))]
-    return tuple(jax.tree_util.tree_unflatten(treedef, [p[i] for p in pairs]) for i in (0, 1))
+    specs = leaf_specs(params)
+    pairs = [_masks_for(x, s) for x, s in zip(leaves, specs)]
+    sizes = [s.counts(x.size)[0] if s else optax.MaskedNode() for x, s in zip(leaves, specs)]
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    return unflatten([p[0] for p in pairs]), unflatten([p[1] for p in pairs]), unflatten(sizes)
 
   def init_fn(params):
-    forward, backward = refresh(params)
-    zeros_bool = jax.tree.map(jnp.zeros_like, forward)
+    forward, backward, _ = refresh(params)
     zeros_scalar = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward)
     return TopKastState(
       count=jnp.zeros((), jnp.int32),
       forward_mask=forward,
       backward_mask=backward,
-      entered_from_c=zeros_bool,
-      forward_change=zeros_scalar,
+      entered_from_c=jax.tree.map(jnp.zeros_like, forward) if track_mask_changes else None,
+      forward_change=zeros_scalar if track_mask_changes else None,
       penalty=zeros_scalar,
       inner_state=inner.init(params),
     )
 
   def refreshed_state(state, params_after, inner_state):
-    forward, backward = refresh(params_after)
-
-    changed = jax.tree.map(
-      lambda old, new: (
-        jnp.sum(new & ~old, dtype=jnp.float32) / jnp.maximum(jnp.sum(new, dtype=jnp.float32), 1.0)
-      ),
-      state.forward_mask,
-      forward,
-    )
-    entered = jax.tree.map(
-      lambda seen, old_b, new_a: seen | (new_a & ~old_b),
-      state.entered_from_c,
-      state.backward_mask,
-      forward,
-    )
+    forward, backward, forward_sizes = refresh(params_after)
+    changed, entered = state.forward_change, state.entered_from_c
+    if track_mask_changes:
+      changed = jax.tree.map(  # share of A new since the last refresh
+        lambda old, new, size: jnp.sum(new & ~old, dtype=jnp.int32) / jnp.float32(max(size, 1)),
+        state.forward_mask,
+        forward,
+        forward_sizes,
+      )
+      entered = jax.tree.map(
+        lambda seen, old_b, new_a: seen | (new_a & ~old_b),
+        entered,
+        state.backward_mask,
+        forward,
+      )
     if reset_inner_state_on_exit:
       left_b = jax.tree.map(
         lambda p, old, new: jnp.zeros((), bool) if is_masked(old) else old & ~new,

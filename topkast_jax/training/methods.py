@@ -43,6 +43,7 @@ def _wrap(config, inner, total_steps: int, overrides):
       backward_sparsity=s.backward,
       update_every=s.update_every,
       exploration_l2=s.exploration_l2,
+      track_mask_changes=True,  # logged as sparsity/forward_change and sparsity/entered_from_c
       **common,
     )
   common['sparsity_level'] = s.forward
