@@ -32,7 +32,7 @@ _BATCH = flags.DEFINE_integer('batch_size', 128, 'Training batch size.')
 _LR = flags.DEFINE_float('learning_rate', 0.05, 'SGD (Nesterov momentum 0.9) learning rate.')
 _FWD = flags.DEFINE_float('forward_sparsity', 0.9, 'Top-KAST forward sparsity.')
 _BWD = flags.DEFINE_float('backward_sparsity', 0.8, 'Top-KAST backward sparsity.')
-_EVERY = flags.DEFINE_integer('update_every', 100, 'Top-KAST mask refresh interval.')
+_EVERY = flags.DEFINE_integer('update_every', 1, 'Top-KAST mask refresh interval.')
 _L2 = flags.DEFINE_float('exploration_l2', 1e-4, 'Top-KAST exploration penalty lambda.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for initialisation and data order.')
 

@@ -338,6 +338,27 @@ def plot_refresh(table: list[dict], metric: str, path: str) -> None:
   plt.close(fig)
 
 
+def write_outputs(runs: list[dict], task) -> list[dict]:
+  """Tables, runs and plots of the runs so far (files replaced whole); returns the table."""
+  table = summarise(runs, task.metric)
+  out = lambda name: os.path.join(_OUT.value, name)  # noqa: E731
+  write_csv(out('runs.csv'), runs)
+  write_csv(out('table.csv'), table)
+  with open(out('runs.json.tmp'), 'w') as f:
+    json.dump({'flags': flags.FLAGS.flag_values_dict(), 'runs': runs}, f, indent=1, default=str)
+  os.replace(out('runs.json.tmp'), out('runs.json'))
+  with open(out('table.md.tmp'), 'w') as f:
+    f.write(markdown(table, task.metric))
+  os.replace(out('table.md.tmp'), out('table.md'))
+  if _STUDY.value == 'refresh':
+    plot_refresh(table, task.metric, out('refresh_interval.png'))
+  else:
+    plot_methods(table, task.metric, task.title, out(f'{task.metric}_vs_sparsity.png'))
+    if any(r['method'] != 'dense' for r in runs):
+      plot_mask_dynamics(runs, out('mask_dynamics.png'))
+  return table
+
+
 def main(argv):
   del argv
   unknown = set(_METHODS.value) - set(METHODS)
@@ -363,20 +384,7 @@ def main(argv):
       f'{result["measured_sparsity"]:.4f}; ETA {elapsed / i * (len(todo) - i) / 60:.1f} min',
       flush=True,
     )
-  table = summarise(runs, task.metric)
-  out = lambda name: os.path.join(_OUT.value, name)  # noqa: E731
-  write_csv(out('runs.csv'), runs)
-  write_csv(out('table.csv'), table)
-  with open(out('runs.json'), 'w') as f:
-    json.dump({'flags': flags.FLAGS.flag_values_dict(), 'runs': runs}, f, indent=1, default=str)
-  with open(out('table.md'), 'w') as f:
-    f.write(markdown(table, task.metric))
-  if _STUDY.value == 'refresh':
-    plot_refresh(table, task.metric, out('refresh_interval.png'))
-  else:
-    plot_methods(table, task.metric, task.title, out(f'{task.metric}_vs_sparsity.png'))
-    if any(r['method'] != 'dense' for r in runs):
-      plot_mask_dynamics(runs, out('mask_dynamics.png'))
+    table = write_outputs(runs, task)  # after every run: a stopped study keeps what it did
   print(markdown(table, task.metric))
   print(f'{len(runs)} runs in {(time.perf_counter() - started) / 60:.1f} min; wrote {_OUT.value}')
 
