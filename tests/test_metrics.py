@@ -44,6 +44,23 @@ def test_known_mask_dynamics_and_penalty():
   assert not any(k.startswith('bias') for k in m)
 
 
+def test_entered_from_c_counts_a_path_through_b_over_several_refreshes():
+  w = jnp.arange(1.0, 11.0)[None, :]  # |A| = 2 (indices 8, 9), |B| = 5 (indices 5..9)
+  tx = topkast(forward_sparsity=0.8, backward_sparsity=0.5, track_mask_changes=True)
+  state = tx.init({'w': w})
+  update = jax.jit(tx.update)
+  zeros = {'w': jnp.zeros_like(w)}
+  # Index 0 (in C at init) moves into B \ A at one refresh, into A at the next.
+  for value in (7.5, 100.0):
+    _, state = update(zeros, state, {'w': w.at[0, 0].set(value)})
+    in_a = bool(state.forward_mask['w'][0, 0])
+    assert bool(state.entered_from_c['w'][0, 0]) == in_a == (value == 100.0)
+  # It stays counted after it leaves A again; weights never in C never count.
+  _, state = update(zeros, state, {'w': w})
+  assert np.asarray(state.entered_from_c['w']).nonzero()[1].tolist() == [0]
+  assert float(sparsity_metrics(state)['entered_from_c']) == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize('tracked', [True, False])
 def test_overall_only(tracked):
   params = {'w': jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)}

@@ -21,8 +21,10 @@ class TopKastState(NamedTuple):
   count: chex.Array  # int32 scalar: updates since init
   forward_mask: optax.Params  # bool, like each sparse leaf: A at the last refresh
   backward_mask: optax.Params  # bool, like each sparse leaf: B at the last refresh (A within B)
-  # With track_mask_changes (else None): bool like each sparse leaf, in C at one refresh and
-  # in A at a later one; and a float32 scalar per sparse leaf, the share of A new at the last.
+  # With track_mask_changes (else None): bools like each sparse leaf, in C at some refresh
+  # (init included), and in A at a refresh after one in C; a float32 scalar per sparse leaf,
+  # the share of A new at the last refresh.
+  ever_in_c: optax.Params | None
   entered_from_c: optax.Params | None
   forward_change: optax.Params | None
   penalty: optax.Params  # float32 scalar per sparse leaf: exploration penalty at the last update

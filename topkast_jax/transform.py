@@ -107,8 +107,9 @@ def topkast(
     reset_inner_state_on_exit: zero the wrapped optimizer's per-parameter state (momentum,
       moments) of a weight when it leaves B at a refresh. Default: keep it.
     track_mask_changes: keep the state's ``forward_change`` (share of A new at each refresh)
-      and ``entered_from_c`` (weights that ever moved from C into A; the paper's Fig. 3). They
-      cost two passes over the masks per refresh and a bool per weight, so they are off by
+      and ``entered_from_c`` (weights in A at a refresh after one that had them in C, init
+      included: those that ever moved from C into A, the paper's Fig. 3). They
+      cost a few passes over the masks per refresh and two bools per weight, so they are off by
       default (the fields are then None).
 
   Returns:
@@ -146,6 +147,7 @@ def topkast(
       count=jnp.zeros((), jnp.int32),
       forward_mask=forward,
       backward_mask=backward,
+      ever_in_c=jax.tree.map(jnp.logical_not, backward) if track_mask_changes else None,
       entered_from_c=jax.tree.map(jnp.zeros_like, forward) if track_mask_changes else None,
       forward_change=zeros_scalar if track_mask_changes else None,
       penalty=zeros_scalar,
@@ -154,7 +156,7 @@ def topkast(
 
   def refreshed_state(state, params_after, inner_state):
     forward, backward, forward_sizes = refresh(params_after)
-    changed, entered = state.forward_change, state.entered_from_c
+    changed, seen, entered = state.forward_change, state.ever_in_c, state.entered_from_c
     if track_mask_changes:
       changed = jax.tree.map(  # share of A new since the last refresh
         lambda old, new, size: jnp.sum(new & ~old, dtype=jnp.int32) / jnp.float32(max(size, 1)),
@@ -162,12 +164,8 @@ def topkast(
         forward,
         forward_sizes,
       )
-      entered = jax.tree.map(
-        lambda seen, old_b, new_a: seen | (new_a & ~old_b),
-        entered,
-        state.backward_mask,
-        forward,
-      )
+      entered = jax.tree.map(lambda e, c, a: e | (c & a), entered, seen, forward)
+      seen = jax.tree.map(lambda c, b: c | ~b, seen, backward)
     if reset_inner_state_on_exit:
       left_b = jax.tree.map(
         lambda p, old, new: jnp.zeros((), bool) if is_masked(old) else old & ~new,
@@ -182,7 +180,7 @@ def topkast(
         left_b,
         transform_non_params=lambda s: s,
       )
-    return forward, backward, entered, changed, inner_state
+    return forward, backward, seen, entered, changed, inner_state
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -210,19 +208,19 @@ def topkast(
       return refreshed_state(state, after, inner_state)
 
     def keep():
-      kept = (state.forward_mask, state.backward_mask, state.entered_from_c, state.forward_change)
-      return (*kept, inner_state)
+      masks = (state.forward_mask, state.backward_mask, state.ever_in_c, state.entered_from_c)
+      return (*masks, state.forward_change, inner_state)
 
     if update_every == 1:
       masks = refresh_now()
     elif reset_inner_state_on_exit:
       masks = jax.lax.cond(count % update_every == 0, refresh_now, keep)
     else:  # Leave the optimizer state out of the conditional: no copy of it per step.
-      masks = jax.lax.cond(count % update_every == 0, lambda: refresh_now()[:4], lambda: keep()[:4])
+      masks = jax.lax.cond(count % update_every == 0, lambda: refresh_now()[:5], lambda: keep()[:5])
       masks = (*masks, inner_state)
-    forward, backward, entered, changed, inner_state = masks
+    forward, backward, seen, entered, changed, inner_state = masks
     return new_updates, TopKastState(
-      count, forward, backward, entered, changed, penalty, inner_state
+      count, forward, backward, seen, entered, changed, penalty, inner_state
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
