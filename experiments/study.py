@@ -69,6 +69,10 @@ _END = flags.DEFINE_float('end_fraction', 0.75, 'SET/RigL last update; pruning t
 _REFRESH_EVERY = flags.DEFINE_list('refresh_every', ['1', '10', '100'], 'Refresh study: intervals.')
 _REFRESH_BACKWARD = flags.DEFINE_list('refresh_backward', ['0', '0.8'], 'Refresh study: B.')
 _LOG_EVERY = flags.DEFINE_integer('log_every', 100, 'Steps between history points.')
+_RESUME = flags.DEFINE_bool('resume', False, 'Keep the runs already in out_dir/runs.json.')
+# Flags that change a run's result: a resumed study must match them.
+RESULT_FLAGS = ('task', 'epochs', 'steps', 'batch_size', 'learning_rate', 'exploration_l2',
+                'mask_update_every', 'end_fraction', 'log_every')  # fmt: skip
 
 
 def optimizer(run: dict, total: int, task):
@@ -289,6 +293,8 @@ def plot_mask_dynamics(runs: list[dict], path: str) -> None:
 
   for method in dict.fromkeys(r['method'] for r in runs if r['method'] != 'dense'):
     group = [r for r in runs if r['method'] == method and r['forward_sparsity'] == middle]
+    if not group:  # not run yet
+      continue
     steps, change = mean_curve(group, 'mask_change')
     left.plot(steps, np.where(change > 0, change, np.nan), label=method)  # log: no zeros
   for s in sparsities:
@@ -338,6 +344,25 @@ def plot_refresh(table: list[dict], metric: str, path: str) -> None:
   plt.close(fig)
 
 
+def done(run: dict, runs: list[dict]) -> bool:
+  """Whether ``runs`` has a result for the settings ``run``."""
+  return any(all(r[k] == v for k, v in run.items()) for r in runs)
+
+
+def finished_runs(todo: list[dict]) -> list[dict]:
+  """The planned runs already in ``out_dir/runs.json`` (UsageError if made with other flags)."""
+  path = os.path.join(_OUT.value, 'runs.json')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    saved = json.load(f)
+  now = flags.FLAGS.flag_values_dict()
+  differ = [k for k in RESULT_FLAGS if saved['flags'].get(k) != now[k]]
+  if differ:
+    raise app.UsageError(f'--resume: {path} was made with other --{", --".join(differ)}.')
+  return [r for r in saved['runs'] if any(done(t, [r]) for t in todo)]
+
+
 def write_outputs(runs: list[dict], task) -> list[dict]:
   """Tables, runs and plots of the runs so far (files replaced whole); returns the table."""
   table = summarise(runs, task.metric)
@@ -370,10 +395,18 @@ def main(argv):
   quiet_console(_OUT.value, verbose=flags.FLAGS.verbosity >= 1)
   task = TASKS[_TASK.value](_BATCH.value or (128 if _TASK.value == 'images' else 16))
   runs, todo, started = [], plan(), time.perf_counter()
+  if _RESUME.value:
+    runs = finished_runs(todo)
+    print(f'resuming: {len(runs)} of {len(todo)} runs already in {_OUT.value}/runs.json')
+  trained = 0
   for i, run in enumerate(todo, 1):
+    if done(run, runs):
+      continue
     result = train_one(task, run)
     runs.append(result)
-    elapsed = time.perf_counter() - started
+    trained += 1
+    left = sum(not done(t, runs) for t in todo)
+    eta = (time.perf_counter() - started) / trained * left / 60
     print(
       f'[{i}/{len(todo)}] {run["method"]} {run["forward_sparsity"]:g}'
       + (
@@ -381,10 +414,11 @@ def main(argv):
       )
       + f' seed {run["seed"]}: {task.metric} {result[task.metric]:.4f}, '
       f'{result["steps_per_second"]:.0f} steps/s, measured sparsity '
-      f'{result["measured_sparsity"]:.4f}; ETA {elapsed / i * (len(todo) - i) / 60:.1f} min',
+      f'{result["measured_sparsity"]:.4f}; ETA {eta:.1f} min',
       flush=True,
     )
-    table = write_outputs(runs, task)  # after every run: a stopped study keeps what it did
+    write_outputs(runs, task)  # after every run: a stopped study keeps what it did
+  table = write_outputs(runs, task)
   print(markdown(table, task.metric))
   print(f'{len(runs)} runs in {(time.perf_counter() - started) / 60:.1f} min; wrote {_OUT.value}')
 

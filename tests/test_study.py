@@ -74,16 +74,9 @@ def test_tiny_methods_study_on_images(tmp_path):
 
 
 @needs_fashion_mnist
-def test_tiny_refresh_study(tmp_path):
-  runs, table = study(
-    tmp_path,
-    '--study=refresh',
-    '--epochs=0.05',
-    '--sparsities=0.9',
-    '--backward=0.8',
-    '--refresh_every=1,10',
-    '--refresh_backward=0,0.8',
-  )
+def test_tiny_refresh_study_and_resume(tmp_path):
+  args = ['--study=refresh', '--epochs=0.05', '--sparsities=0.9', '--backward=0.8']
+  runs, table = study(tmp_path, *args, '--refresh_every=1,10', '--refresh_backward=0,0.8')
   got = sorted((r['method'], r['backward_sparsity'], r['update_every']) for r in runs)
   assert got == [
     ('dense', '0.0', '0'),
@@ -93,6 +86,17 @@ def test_tiny_refresh_study(tmp_path):
     ('topkast', '0.8', '10'),
   ]
   assert len(table) == 5 and (tmp_path / 'refresh_interval.png').stat().st_size > 0
+  # --resume keeps the finished runs (same results, not retrained) and adds the new ones.
+  before = {(r['backward_sparsity'], r['update_every']): r for r in runs}
+  runs, _ = study(
+    tmp_path, *args, '--refresh_every=1,10,20', '--refresh_backward=0,0.8', '--resume'
+  )
+  assert len(runs) == 7
+  for r in runs:
+    key = (r['backward_sparsity'], r['update_every'])
+    assert key in before or r['update_every'] == '20'
+    if key in before:
+      assert r == before[key]
 
 
 def test_tiny_methods_study_on_characters(tmp_path):
