@@ -420,7 +420,10 @@ def main(argv):
     write_outputs(runs, task)  # after every run: a stopped study keeps what it did
   table = write_outputs(runs, task)
   print(markdown(table, task.metric))
-  print(f'{len(runs)} runs in {(time.perf_counter() - started) / 60:.1f} min; wrote {_OUT.value}')
+  minutes = (time.perf_counter() - started) / 60
+  print(
+    f'{trained} runs trained in {minutes:.1f} min ({len(runs)} in the tables); wrote {_OUT.value}'
+  )
 
 
 if __name__ == '__main__':
