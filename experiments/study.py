@@ -252,31 +252,37 @@ def markdown(table: list[dict], metric: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot_methods(table: list[dict], metric: str, task_name: str, path: str) -> None:
-  """Metric against forward sparsity per method, dense as a line (the paper's Fig. 2)."""
+def _metric_plot(table: list[dict], metric: str, x: str, groups: dict, path: str, **axes) -> None:
+  """Mean +- std of ``metric`` against ``x`` per group of rows, dense as a dashed line."""
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   scale = 100 if metric == 'test_accuracy' else 1
-  for method in dict.fromkeys(r['method'] for r in table):
-    rows = sorted((r for r in table if r['method'] == method), key=lambda r: r['forward_sparsity'])
-    if method == 'dense':
-      ax.axhline(scale * rows[0][metric + '_mean'], color='k', ls='--', label='dense')
-      continue
+  for r in table:
+    if r['method'] == 'dense':
+      ax.axhline(scale * r[metric + '_mean'], color='k', ls='--', label='dense')
+  for label, rows in groups.items():
+    rows = sorted(rows, key=lambda r: r[x])
     ax.errorbar(
-      [r['forward_sparsity'] for r in rows],
+      [r[x] for r in rows],
       [scale * r[metric + '_mean'] for r in rows],
       yerr=[scale * r[metric + '_std'] for r in rows],
       marker='o',
       capsize=3,
-      label=method,
+      label=label,
     )
-  ax.set_xlabel('forward sparsity')
-  ax.set_ylabel('test accuracy (%)' if scale == 100 else 'test bits per character')
-  ax.set_title(task_name)
+  ax.set(ylabel='test accuracy (%)' if scale == 100 else 'test bits per character', **axes)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_methods(table: list[dict], metric: str, task_name: str, path: str) -> None:
+  """Metric against forward sparsity per method (the paper's Fig. 2)."""
+  methods = dict.fromkeys(r['method'] for r in table if r['method'] != 'dense')
+  groups = {m: [r for r in table if r['method'] == m] for m in methods}
+  _metric_plot(table, metric, 'forward_sparsity', groups, path, xlabel='forward sparsity',
+               title=task_name)  # fmt: skip
 
 
 def plot_mask_dynamics(runs: list[dict], path: str) -> None:
@@ -316,32 +322,13 @@ def plot_mask_dynamics(runs: list[dict], path: str) -> None:
 
 def plot_refresh(table: list[dict], metric: str, path: str) -> None:
   """Metric against the refresh interval, per (forward, backward) pair (the paper's Table 6)."""
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  scale = 100 if metric == 'test_accuracy' else 1
+  pair = lambda r: (r['forward_sparsity'], r['backward_sparsity'])  # noqa: E731
+  groups = {}
   for r in table:
-    if r['method'] == 'dense':
-      ax.axhline(scale * r[metric + '_mean'], color='k', ls='--', label='dense')
-  pairs = dict.fromkeys((r['forward_sparsity'], r['backward_sparsity']) for r in table)
-  for forward, backward in (p for p in pairs if p != (0.0, 0.0)):
-    rows = [
-      r for r in table if (r['forward_sparsity'], r['backward_sparsity']) == (forward, backward)
-    ]
-    rows.sort(key=lambda r: r['update_every'])
-    ax.errorbar(
-      [r['update_every'] for r in rows],
-      [scale * r[metric + '_mean'] for r in rows],
-      yerr=[scale * r[metric + '_std'] for r in rows],
-      marker='o',
-      capsize=3,
-      label=f'Top-KAST {forward:g} / {backward:g}',
-    )
-  ax.set(xscale='log', xlabel='refresh interval (steps)')
-  ax.set_ylabel('test accuracy (%)' if scale == 100 else 'test bits per character')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+    if r['method'] != 'dense':
+      groups.setdefault(f'Top-KAST {pair(r)[0]:g} / {pair(r)[1]:g}', []).append(r)
+  _metric_plot(table, metric, 'update_every', groups, path, xscale='log',
+               xlabel='refresh interval (steps)')  # fmt: skip
 
 
 def done(run: dict, runs: list[dict]) -> bool:
