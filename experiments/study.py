@@ -153,7 +153,8 @@ def train_one(task, run: dict) -> dict:
     point = {'step': done, 'loss': float(loss), 'forward_density': 1.0}
     if sparse:
       metrics = topkast_jax.sparsity_metrics(state, per_leaf=False)
-      mask = np.concatenate([np.ravel(m) for m in jax.tree.leaves(state.forward_mask)])
+      masks = jax.tree.leaves(topkast_jax.unpack_masks(state.forward_mask))
+      mask = np.concatenate([np.ravel(m) for m in masks])
       point['forward_density'] = float(metrics['forward_density'])
       if last_mask is not None:  # share of the mask not in it at the previous point
         point['mask_change'] = float(np.sum(mask & ~last_mask) / max(np.sum(mask), 1))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from topkast_jax import sparsity_metrics, topkast
+from topkast_jax import sparsity_metrics, topkast, unpack_masks
 
 
 def test_known_mask_dynamics_and_penalty():
@@ -53,7 +53,7 @@ def test_entered_from_c_counts_a_path_through_b_over_several_refreshes():
   # Index 0 (in C at init) moves into B \ A at one refresh, into A at the next.
   for value in (7.5, 100.0):
     _, state = update(zeros, state, {'w': w.at[0, 0].set(value)})
-    in_a = bool(state.forward_mask['w'][0, 0])
+    in_a = bool(unpack_masks(state.forward_mask)['w'][0, 0])
     assert bool(state.entered_from_c['w'][0, 0]) == in_a == (value == 100.0)
   # It stays counted after it leaves A again; weights never in C never count.
   _, state = update(zeros, state, {'w': w})

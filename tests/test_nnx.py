@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import topkast_jax
+from topkast_jax import unpack_masks
 
 
 class NnxMLP(nnx.Module):
@@ -80,8 +81,8 @@ def test_nnx_and_linen_give_the_same_masks_updates_and_metrics():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), nnx_params, params)
   state = topkast_jax.find_sparse_state(optimizer.opt_state)
   for layer, density in (('hidden', 0.3), ('out', 0.1)):
-    nnx_mask = np.asarray(state.forward_mask[layer]['kernel'][...])
-    linen_mask = np.asarray(opt_state.forward_mask[layer]['kernel'])
+    nnx_mask = np.asarray(unpack_masks(state.forward_mask)[layer]['kernel'][...])
+    linen_mask = np.asarray(unpack_masks(opt_state.forward_mask)[layer]['kernel'])
     np.testing.assert_array_equal(nnx_mask, linen_mask)
     assert nnx_mask.mean() == pytest.approx(density, abs=0.01)
   nnx_metrics = topkast_jax.sparsity_metrics(optimizer.opt_state)
@@ -93,7 +94,9 @@ def test_nnx_and_linen_give_the_same_masks_updates_and_metrics():
   sparse = topkast_jax.sparse_params(nnx.state(model, nnx.Param), optimizer.opt_state)
   assert isinstance(sparse, nnx.State)  # shaped like the params given
   zeros = np.asarray(sparse['hidden']['kernel'][...]) == 0
-  np.testing.assert_array_equal(zeros, ~np.asarray(state.forward_mask['hidden']['kernel'][...]))
+  np.testing.assert_array_equal(
+    zeros, ~np.asarray(unpack_masks(state.forward_mask)['hidden']['kernel'][...])
+  )
 
 
 class WithCounter(nnx.Module):

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import topkast_jax
-from topkast_jax import sparse_params, topkast
+from topkast_jax import sparse_params, topkast, unpack_masks
 
 FWD, BWD = 0.9, 0.8
 
@@ -68,17 +68,20 @@ def test_init_masks_are_exact_topk_and_nested():
   state = topkast(optax.sgd(0.1), forward_sparsity=FWD, backward_sparsity=BWD).init(params)
   for name in ('hidden', 'out'):
     w = params[name]['kernel']
-    a, b = state.forward_mask[name]['kernel'], state.backward_mask[name]['kernel']
+    a, b = (
+      unpack_masks(state.forward_mask)[name]['kernel'],
+      unpack_masks(state.backward_mask)[name]['kernel'],
+    )
     np.testing.assert_array_equal(a, reference_mask(w, rounded_count(1 - FWD, w.size)))
     np.testing.assert_array_equal(b, reference_mask(w, rounded_count(1 - BWD, w.size)))
     assert not np.any(np.asarray(a) & ~np.asarray(b))
-    assert isinstance(state.forward_mask[name]['bias'], optax.MaskedNode)
+    assert isinstance(unpack_masks(state.forward_mask)[name]['bias'], optax.MaskedNode)
 
 
 def test_exact_counts_when_all_weights_equal():
   params = {'kernel': jnp.full((10, 10), 0.25)}
   state = topkast(optax.sgd(0.1), forward_sparsity=FWD, backward_sparsity=BWD).init(params)
-  a, b = state.forward_mask['kernel'], state.backward_mask['kernel']
+  a, b = unpack_masks(state.forward_mask)['kernel'], unpack_masks(state.backward_mask)['kernel']
   assert int(a.sum()) == 10 and int(b.sum()) == 20
   np.testing.assert_array_equal(np.flatnonzero(a), np.arange(10))
   np.testing.assert_array_equal(np.flatnonzero(b), np.arange(20))
@@ -88,7 +91,7 @@ def test_sparse_params_zero_outside_forward_set():
   params = init_params()
   state = topkast(optax.sgd(0.1), forward_sparsity=FWD, backward_sparsity=BWD).init(params)
   alpha = sparse_params(params, state)
-  w, a = params['hidden']['kernel'], state.forward_mask['hidden']['kernel']
+  w, a = params['hidden']['kernel'], unpack_masks(state.forward_mask)['hidden']['kernel']
   np.testing.assert_array_equal(alpha['hidden']['kernel'], np.where(a, w, 0.0))
   chex.assert_trees_all_equal(alpha['out']['bias'], params['out']['bias'])
 
@@ -105,8 +108,8 @@ class GradientTest(chex.TestCase):
     out, new_state = self.variant(tx.update)(grads, state, params)
     for name in ('hidden', 'out'):
       w = np.asarray(params[name]['kernel'])
-      a = np.asarray(state.forward_mask[name]['kernel'])
-      b = np.asarray(state.backward_mask[name]['kernel'])
+      a = np.asarray(unpack_masks(state.forward_mask)[name]['kernel'])
+      b = np.asarray(unpack_masks(state.backward_mask)[name]['kernel'])
       expected = np.where(a, 0.5 + lam * w, np.where(b, 0.5 + lam / (1 - FWD) * w, 0.0))
       np.testing.assert_allclose(out[name]['kernel'], expected, rtol=1e-6)
       # Dense leaves pass through unchanged: no restriction, no penalty.
@@ -126,18 +129,22 @@ def test_masks_refresh_from_params_after_update(every):
   state = tx.init(params)
   step = jax.jit(make_step(tx))
   for t, batch in enumerate(batches(0, 7)):
-    old_a = state.forward_mask
+    old_a = unpack_masks(state.forward_mask)
     params, state = step(params, state, batch)
     w = params['hidden']['kernel']
     if (t + 1) % every == 0:
       np.testing.assert_array_equal(
-        state.forward_mask['hidden']['kernel'], reference_mask(w, rounded_count(1 - FWD, w.size))
+        unpack_masks(state.forward_mask)['hidden']['kernel'],
+        reference_mask(w, rounded_count(1 - FWD, w.size)),
       )
       np.testing.assert_array_equal(
-        state.backward_mask['hidden']['kernel'], reference_mask(w, rounded_count(1 - BWD, w.size))
+        unpack_masks(state.backward_mask)['hidden']['kernel'],
+        reference_mask(w, rounded_count(1 - BWD, w.size)),
       )
     else:
-      chex.assert_trees_all_equal(state.forward_mask, old_a)  # constant between refreshes
+      chex.assert_trees_all_equal(
+        unpack_masks(state.forward_mask), old_a
+      )  # constant between refreshes
   assert int(state.count) == 7
 
 
@@ -159,17 +166,17 @@ def test_weights_outside_b_bit_identical(optimizer):
   )
   state = tx.init(params)
   step = jax.jit(make_step(tx))
-  never_in_b = jax.tree.map(lambda b: ~np.asarray(b), state.backward_mask)
+  never_in_b = jax.tree.map(lambda b: ~np.asarray(b), unpack_masks(state.backward_mask))
   start = params
   for batch in batches(1, 50):
-    before, b = params, state.backward_mask
+    before, b = params, unpack_masks(state.backward_mask)
     params, state = step(params, state, batch)
     for name in ('hidden', 'out'):
       outside = ~np.asarray(b[name]['kernel'])
       np.testing.assert_array_equal(
         np.asarray(params[name]['kernel'])[outside], np.asarray(before[name]['kernel'])[outside]
       )
-      never_in_b[name]['kernel'] &= ~np.asarray(state.backward_mask[name]['kernel'])
+      never_in_b[name]['kernel'] &= ~np.asarray(unpack_masks(state.backward_mask)[name]['kernel'])
   for name in ('hidden', 'out'):
     c = never_in_b[name]['kernel']
     assert c.sum() > 0
@@ -224,8 +231,8 @@ def test_numpy_reference_20_steps_momentum():
     params, state = step(params, state, batch)
   np.testing.assert_allclose(params['w'], theta, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(params['b'], bias, rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(state.forward_mask['w'], a)
-  np.testing.assert_array_equal(state.backward_mask['w'], b)
+  np.testing.assert_array_equal(unpack_masks(state.forward_mask)['w'], a)
+  np.testing.assert_array_equal(unpack_masks(state.backward_mask)['w'], b)
 
 
 def test_zero_forward_sparsity_reproduces_inner_optimizer():
@@ -247,11 +254,11 @@ def test_zero_forward_sparsity_reproduces_inner_optimizer():
 def test_backward_equal_forward_gives_b_equal_a_and_zero_gives_straight_through():
   params = init_params()
   state = topkast(optax.sgd(0.1), forward_sparsity=0.7, backward_sparsity=0.7).init(params)
-  chex.assert_trees_all_equal(state.forward_mask, state.backward_mask)
+  chex.assert_trees_all_equal(unpack_masks(state.forward_mask), unpack_masks(state.backward_mask))
 
   tx = topkast(forward_sparsity=0.9, backward_sparsity=0.0)
   state = tx.init(params)
-  assert all(bool(jnp.all(b)) for b in jax.tree.leaves(state.backward_mask))
+  assert all(bool(jnp.all(b)) for b in jax.tree.leaves(unpack_masks(state.backward_mask)))
   grads = jax.tree.map(jnp.ones_like, params)
   out, _ = tx.update(grads, state, params)
   chex.assert_trees_all_equal(out, grads)  # every weight gets the gradient w.r.t. alpha
@@ -266,10 +273,10 @@ def test_reset_inner_state_when_weight_leaves_b():
   p_reset, s_reset = params, reset.init(params)
   left_total = 0
   for batch in batches(5, 10):
-    old_b = s_reset.backward_mask['hidden']['kernel']
+    old_b = unpack_masks(s_reset.backward_mask)['hidden']['kernel']
     p_keep, s_keep = jax.jit(make_step(keep))(p_keep, s_keep, batch)
     p_reset, s_reset = jax.jit(make_step(reset))(p_reset, s_reset, batch)
-    left = np.asarray(old_b & ~s_reset.backward_mask['hidden']['kernel'])
+    left = np.asarray(old_b & ~unpack_masks(s_reset.backward_mask)['hidden']['kernel'])
     left_total += left.sum()
     trace = np.asarray(s_reset.inner_state[0].trace['hidden']['kernel'])
     np.testing.assert_array_equal(trace[left], 0.0)
@@ -307,11 +314,13 @@ def test_pmap_matches_jit_and_masks_agree_on_replicas():
     jp, js = j_step(jp, js, (x, y))
   for replica in range(1, n_dev):
     chex.assert_trees_all_equal(
-      jax.tree.map(lambda x, r=replica: x[r], rs.forward_mask),
-      jax.tree.map(lambda x: x[0], rs.forward_mask),
+      jax.tree.map(lambda x, r=replica: x[r], unpack_masks(rs.forward_mask)),
+      jax.tree.map(lambda x: x[0], unpack_masks(rs.forward_mask)),
     )
   chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], rp), jp, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_equal(jax.tree.map(lambda x: x[0], rs.backward_mask), js.backward_mask)
+  chex.assert_trees_all_equal(
+    jax.tree.map(lambda x: x[0], unpack_masks(rs.backward_mask)), unpack_masks(js.backward_mask)
+  )
 
 
 def test_chain_with_clipping():
@@ -397,7 +406,7 @@ def test_link_form_in_chain_keeps_c_fixed_under_plain_sgd():
   )
   state = tx.init(params)
   for batch in batches(10, 6):
-    before, b = params, topkast_jax.find_sparse_state(state).backward_mask
+    before, b = params, unpack_masks(topkast_jax.find_sparse_state(state).backward_mask)
     params, state = make_step(tx)(params, state, batch)
     outside = ~np.asarray(b['out']['kernel'])
     np.testing.assert_array_equal(
@@ -496,7 +505,7 @@ def test_link_form_stays_finite_with_inf_weights_outside_b():
   params = init_params()
   tx = topkast(forward_sparsity=FWD, backward_sparsity=BWD, exploration_l2=1e-3)
   state = tx.init(params)
-  c = ~np.asarray(state.backward_mask['hidden']['kernel'])
+  c = ~np.asarray(unpack_masks(state.backward_mask)['hidden']['kernel'])
   kernel = np.asarray(params['hidden']['kernel']).copy()
   kernel[np.argwhere(c)[0][0], np.argwhere(c)[0][1]] = np.inf  # a weight in C
   params = {**params, 'hidden': {**params['hidden'], 'kernel': jnp.asarray(kernel)}}
@@ -557,8 +566,12 @@ def test_tracking_mask_changes_only_adds_diagnostics():
   tracked_params, tracked_state, changes = run(True)
   chex.assert_trees_all_equal(params, tracked_params)
   chex.assert_trees_all_equal(
-    (state.forward_mask, state.backward_mask, state.inner_state),
-    (tracked_state.forward_mask, tracked_state.backward_mask, tracked_state.inner_state),
+    (unpack_masks(state.forward_mask), unpack_masks(state.backward_mask), state.inner_state),
+    (
+      unpack_masks(tracked_state.forward_mask),
+      unpack_masks(tracked_state.backward_mask),
+      tracked_state.inner_state,
+    ),
   )
   assert state.entered_from_c is None and state.forward_change is None
   # The masks moved, so the tracked diagnostics have something to show.

@@ -10,6 +10,7 @@ from topkast_jax.states import (
   find_sparse_state,
   sparse_params,
   sparse_value_and_grad,
+  unpack_masks,
 )
 from topkast_jax.topk import topk_mask, topk_masks
 from topkast_jax.transform import topkast
@@ -34,4 +35,5 @@ __all__ = [
   'topk_mask',
   'topk_masks',
   'topkast',
+  'unpack_masks',
 ]

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+from topkast_jax import bitmask
 from topkast_jax.sparsity import path_name
 from topkast_jax.states import TopKastState, find_sparse_state, is_masked
 
@@ -17,7 +18,7 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
   moved from C into A; the paper's Fig. 3) and ``penalty`` (the exploration penalty at the last
   update, summed); ``forward_change`` and ``entered_from_c`` need ``topkast(...,
   track_mask_changes=True)``. With ``per_leaf``, the same per sparse leaf as ``<path>/<name>``. All
-  reductions over boolean masks: cheap to log every step.
+  reductions over masks (bit counts for Top-KAST's packed ones): cheap to log every step.
   """
   state = find_sparse_state(opt_state)
   topkast = isinstance(state, TopKastState)
@@ -32,14 +33,14 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
     if is_masked(a):
       continue
     leaf = {f: column[i] for f, column in columns.items()}
-    n, count = a.size, jnp.sum(a, dtype=jnp.float32)
+    n, count = bitmask.size(a), bitmask.count(a).astype(jnp.float32)
     # (numerator, denominator): a leaf's value is their ratio, the overall value the ratio of
     # their sums (a denominator of 0 makes a plain sum: the penalty).
     parts = {'forward_density': (count, n)}
     if tracked:
       parts['forward_change'] = (leaf['forward_change'] * count, count)
     if topkast:
-      parts['backward_density'] = (jnp.sum(leaf['backward_mask'], dtype=jnp.float32), n)
+      parts['backward_density'] = (bitmask.count(leaf['backward_mask']).astype(jnp.float32), n)
       parts['penalty'] = (leaf['penalty'], 0)
     if 'entered_from_c' in leaf:
       parts['entered_from_c'] = (jnp.sum(leaf['entered_from_c'], dtype=jnp.float32), n)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from topkast_jax import bitmask
 from topkast_jax.sparsity import path_name
 
 
@@ -19,8 +20,11 @@ class TopKastState(NamedTuple):
   """State of `topkast`. Per-leaf fields hold ``optax.MaskedNode()`` at dense leaves."""
 
   count: chex.Array  # int32 scalar: updates since init
-  forward_mask: optax.Params  # bool, like each sparse leaf: A at the last refresh
-  backward_mask: optax.Params  # bool, like each sparse leaf: B at the last refresh (A within B)
+  # A and B at the last refresh (A within B), per sparse leaf as bits (`topkast_jax.bitmask`:
+  # uint8, 8 weights per byte along the last axis; bool if that axis is not a multiple of 8).
+  forward_mask: optax.Params
+  backward_mask: optax.Params
+  backward_index: optax.Params | None  # compact_inner_state (else None): B's sorted flat indices
   # With track_mask_changes (else None): bools like each sparse leaf, in C at some refresh
   # (init included), and in A at a refresh after one in C; a float32 scalar per sparse leaf,
   # the share of A new at the last refresh.
@@ -49,8 +53,16 @@ def is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def unpack_masks(masks):
+  """A tree of masks (a state's ``forward_mask`` or ``backward_mask``) as bool arrays.
+
+  Top-KAST stores masks as bits (`topkast_jax.bitmask`); the baselines' masks are bool already.
+  """
+  return jax.tree.map(bitmask.unpack, masks)
+
+
 def check_state_matches(params, state: SparseState, specs=None) -> list:
-  """The forward mask (or ``MaskedNode``) of each leaf of ``params``; raises ValueError unless
+  """The forward mask (bool, or ``MaskedNode``) of each leaf of ``params``; raises ValueError unless
   ``params`` is the tree (and, given ``specs``, the sparsity layout) ``state`` was made for.
 
   Leaves are matched by path, not by tree structure, so params and state may wrap their leaves
@@ -69,7 +81,7 @@ def check_state_matches(params, state: SparseState, specs=None) -> list:
   specs = specs if specs is not None else [not is_masked(m) for m in mask_leaves]
   for name, (_, leaf), mask, spec in zip(names, leaves_with_paths, mask_leaves, specs):
     expected = None if spec is None or spec is False else tuple(jnp.shape(leaf))
-    got = None if is_masked(mask) else tuple(jnp.shape(mask))
+    got = None if is_masked(mask) else bitmask.shape(mask)
     if expected != got:
       raise ValueError(
         f'params do not match the optimizer state at {name!r}: the state holds '
@@ -77,7 +89,7 @@ def check_state_matches(params, state: SparseState, specs=None) -> list:
         f'{"none (dense)" if expected is None else f"one of shape {expected}"}. Re-run '
         'tx.init(params) after changing the model or the sparsity settings.'
       )
-  return mask_leaves
+  return [m if is_masked(m) else bitmask.unpack(m) for m in mask_leaves]
 
 
 def find_sparse_state(opt_state) -> SparseState:

@@ -14,21 +14,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from topkast_jax import automatic_sharding
 
-def magnitude_keys(x: jax.Array) -> jax.Array:
-  """Flat unsigned-integer keys ordered like ``|x|`` (NaN counts as the largest magnitude)."""
+
+def _shaped_keys(x: jax.Array) -> jax.Array:
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f'magnitude_keys needs a floating-point array, got dtype {x.dtype}.')
   if x.dtype == jnp.float64:
-    return jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint64).reshape(-1)
+    return jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint64)
   # float16 and bfloat16 widen to float32 exactly, keeping their order.
-  return jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32).reshape(-1)
+  return jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
+
+
+def magnitude_keys(x: jax.Array) -> jax.Array:
+  """Flat unsigned-integer keys ordered like ``|x|`` (NaN counts as the largest magnitude)."""
+  return _shaped_keys(x).reshape(-1)
 
 
 def _bisection_search(keys, ks):
   """One compare-and-count pass per key bit, for all k at once."""
-  n = keys.shape[0]
+  n = keys.size
   value_bits = np.iinfo(keys.dtype).bits - 1
   one = jnp.ones((), keys.dtype)
   k_vec = jnp.asarray(ks, jnp.int32)
@@ -37,7 +43,8 @@ def _bisection_search(keys, ks):
     thresholds, counts = carry
     bit = (value_bits - 1 - i).astype(keys.dtype)
     candidates = thresholds | (one << bit)
-    candidate_counts = jnp.sum(keys[None, :] >= candidates[:, None], axis=1, dtype=jnp.int32)
+    above = keys[None] >= candidates.reshape(-1, *[1] * keys.ndim)
+    candidate_counts = jnp.sum(above, axis=tuple(range(1, keys.ndim + 1)), dtype=jnp.int32)
     accept = candidate_counts >= k_vec
     return (
       jnp.where(accept, candidates, thresholds),
@@ -100,7 +107,7 @@ def kth_largest_keys(
   """Finds, for each k in ``ks``, the k-th largest key and how many keys are >= it.
 
   Args:
-    keys: 1-D unsigned-integer array whose top bit is zero (see `magnitude_keys`).
+    keys: unsigned-integer array (any shape) whose top bit is zero (see `magnitude_keys`).
     ks: counts, each in [1, keys.size]: Python ints or traced int32 scalars.
     method: ``'radix'`` (two scatter-add histogram passes; float32 keys only), ``'bisection'``
       (one compare-and-count pass per bit; no scatter, which suits TPUs) or ``'auto'``: radix
@@ -109,7 +116,7 @@ def kth_largest_keys(
   Returns:
     ``(thresholds, counts_at_or_above)``, each of shape ``[len(ks)]``.
   """
-  n = keys.shape[0]
+  n = keys.size
   if not ks or any(isinstance(k, int) and not 1 <= k <= n for k in ks):
     raise ValueError(f'each k must be in [1, {n}], got {list(ks)}.')
   if method == 'auto':
@@ -124,23 +131,40 @@ def kth_largest_keys(
   raise ValueError(f"method must be 'auto', 'radix' or 'bisection', got {method!r}.")
 
 
+def flat_index(shape):
+  """C-order flat index of every entry of an array of ``shape``, built in that shape (no
+  reshape, so a sharded array's index is computed shard by shard)."""
+  index, stride = jnp.zeros(shape, jnp.int32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+    stride *= shape[axis]
+  return index
+
+
 def _index_after_nth_true(flags, needed):
   """Flat index just after the ``needed``-th True of ``flags`` (needed >= 1, and that many exist).
 
-  Two levels (block counts, then one block) instead of a prefix sum over the whole array.
+  Two levels (row counts, then one row) instead of a prefix sum over the whole array. Rows
+  are the last axis of an N-d array (blocks of about sqrt(n) of a vector); the chosen row is
+  picked with a masked reduction, not a slice, so a sharded array is never gathered.
   """
-  n = flags.shape[0]
-  width = 1 << max(8, (n.bit_length() + 1) // 2)  # about sqrt(n), a power of two
-  rows = jnp.pad(flags, (0, -n % width)).reshape(-1, width)
-  block_counts = jnp.sum(rows, axis=1, dtype=jnp.int32)
-  through_block = jnp.cumsum(block_counts)
-  b = jnp.sum(through_block < needed)
-  within = jnp.cumsum(rows[b], dtype=jnp.int32) + through_block[b] - block_counts[b]
-  return b * width + jnp.sum(within < needed) + 1
+  if flags.ndim < 2:
+    n = flags.size
+    width = 1 << max(8, (n.bit_length() + 1) // 2)  # about sqrt(n), a power of two
+    flags = jnp.pad(flags.reshape(-1), (0, -n % width)).reshape(-1, width)
+  width = flags.shape[-1]
+  row_counts = jnp.sum(flags, axis=-1, dtype=jnp.int32).reshape(-1)
+  through_row = jnp.cumsum(row_counts)
+  r = jnp.sum(through_row < needed)
+  row_of = flat_index(flags.shape) // width
+  lead_axes = tuple(range(flags.ndim - 1))
+  row = jnp.sum(flags & (row_of == r), axis=lead_axes, dtype=jnp.int32)
+  within = jnp.cumsum(row) + through_row[r] - row_counts[r]
+  return r * width + jnp.sum(within < needed) + 1
 
 
 def _mask_at_threshold(keys, threshold, count_at_or_above, k):
-  """The k largest keys: all above the threshold, then ties in index order."""
+  """The k largest keys: all above the threshold, then ties in flat index order."""
 
   def without_straddling_ties():
     return keys >= threshold
@@ -149,7 +173,7 @@ def _mask_at_threshold(keys, threshold, count_at_or_above, k):
     at = keys == threshold
     above = count_at_or_above - jnp.sum(at, dtype=jnp.int32)
     end = _index_after_nth_true(at, k - above)
-    return (keys > threshold) | (at & (jnp.arange(keys.shape[0]) < end))
+    return (keys > threshold) | (at & (flat_index(keys.shape) < end))
 
   # Only when ties cross the cut do positions matter.
   return jax.lax.cond(count_at_or_above == k, without_straddling_ties, with_straddling_ties)
@@ -175,12 +199,18 @@ def topk_masks(x: jax.Array, ks: Sequence[int], method: str = 'auto') -> tuple[j
   if any(not 0 <= k <= n for k in ks):
     raise ValueError(f'top-k counts must be in [0, {n}] for an array of shape {x.shape}, got {ks}.')
   searched = [k for k in ks if 0 < k < n]
-  masks = {0: jnp.zeros(x.shape, bool), n: jnp.ones(x.shape, bool)}
-  if searched:
-    keys = magnitude_keys(x)
+
+  def search(x):
+    keys = _shaped_keys(x)
     thresholds, counts = kth_largest_keys(keys, searched, method)
-    for i, k in enumerate(searched):
-      masks[k] = _mask_at_threshold(keys, thresholds[i], counts[i], k).reshape(x.shape)
+    return tuple(
+      _mask_at_threshold(keys, thresholds[i], counts[i], k) for i, k in enumerate(searched)
+    )
+
+  masks = {0: jnp.zeros_like(x, bool), n: jnp.ones_like(x, bool)}
+  if searched:
+    specs = (automatic_sharding.spec_of(x),) * len(searched)  # masks sharded like x
+    masks.update(zip(searched, automatic_sharding.call(search, x, specs, x)))
   return tuple(masks[k] for k in ks)
 
 

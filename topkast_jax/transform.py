@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from topkast_jax import regularizer
+from topkast_jax import bitmask, compact, regularizer
 from topkast_jax.sparsity import (
   LeafSparsity,
   SparsitySpec,
@@ -22,7 +22,7 @@ from topkast_jax.sparsity import (
   check_step_count,
   resolve_sparsities,
 )
-from topkast_jax.states import TopKastState, check_state_matches, is_masked
+from topkast_jax.states import TopKastState, check_state_matches, is_masked, unpack_masks
 from topkast_jax.topk import topk_masks
 
 
@@ -67,6 +67,10 @@ def _masks_for(leaf, spec: LeafSparsity | None):
   return topk_masks(leaf, spec.counts(leaf.size))
 
 
+def _packed(masks):
+  return jax.tree.map(bitmask.pack, masks)
+
+
 def topkast(
   inner: optax.GradientTransformation | None = None,
   *,
@@ -77,6 +81,7 @@ def topkast(
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
   reset_inner_state_on_exit: bool = False,
+  compact_inner_state: bool = False,
   track_mask_changes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Top-KAST sparse training around (or, without ``inner``, before) an optimizer.
@@ -106,6 +111,13 @@ def topkast(
     distribution: 'uniform' (the paper) or 'erk' allocation of the global density.
     reset_inner_state_on_exit: zero the wrapped optimizer's per-parameter state (momentum,
       moments) of a weight when it leaves B at a refresh. Default: keep it.
+    compact_inner_state: keep the wrapped optimizer's state for the weights in B only, so it
+      shrinks with the backward density: the optimizer sees each sparse leaf as the vector of
+      its |B| weights (flat index order), state moves with weights that stay in B and starts
+      at zero for new ones. Equal, bit for bit, to ``reset_inner_state_on_exit=True`` for
+      elementwise optimizers (SGD, momentum, Adam, ...). An optimizer that reads a leaf's shape
+      (factored moments, per-row norms, a weight-decay mask computed from ``ndim``) sees the
+      vector instead: give such masks as trees. The state then also holds B's indices (int32).
     track_mask_changes: keep the state's ``forward_change`` (share of A new at each refresh)
       and ``entered_from_c`` (weights in A at a refresh after one that had them in C, init
       included: those that ever moved from C into A, the paper's Fig. 3). They
@@ -120,11 +132,12 @@ def topkast(
   warn_if_stale(forward_sparsity, backward_sparsity, update_every)
   if distribution not in ('uniform', 'erk'):
     raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
-  if reset_inner_state_on_exit and inner is None:
-    raise ValueError(
-      'reset_inner_state_on_exit=True needs a wrapped optimizer (inner); the '
-      'link form holds no optimizer state to reset.'
-    )
+  for name, value in [('reset_inner_state_on_exit', reset_inner_state_on_exit),
+                      ('compact_inner_state', compact_inner_state)]:  # fmt: skip
+    if value and inner is None:
+      raise ValueError(
+        f'{name}=True needs a wrapped optimizer (inner); the link form holds no optimizer state.'
+      )
   wrapped = inner is not None
   inner = optax.with_extra_args_support(inner if wrapped else optax.identity())
 
@@ -132,45 +145,62 @@ def topkast(
     return resolve_sparsities(params, forward_sparsity, backward_sparsity, sparsity, distribution)
 
   def refresh(params):
-    """(A, B, |A|) per leaf; ``optax.MaskedNode()`` at dense leaves."""
+    """Bool (A, B), |A| and (compact only) B's flat indices per leaf; ``optax.MaskedNode()``
+    at dense leaves."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     specs = leaf_specs(params)
     pairs = [_masks_for(x, s) for x, s in zip(leaves, specs)]
-    sizes = [s.counts(x.size)[0] if s else optax.MaskedNode() for x, s in zip(leaves, specs)]
+    masked = [optax.MaskedNode()] * len(leaves)
+    sizes = [s.counts(x.size)[0] if s else m for x, s, m in zip(leaves, specs, masked)]
+    index = None
+    if compact_inner_state:
+      index = [
+        compact.indices_of(b, s.counts(b.size)[1]) if s else b for (_, b), s in zip(pairs, specs)
+      ]
+      index = treedef.unflatten(index)
     unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    return unflatten([p[0] for p in pairs]), unflatten([p[1] for p in pairs]), unflatten(sizes)
+    return (
+      unflatten([p[0] for p in pairs]),
+      unflatten([p[1] for p in pairs]),
+      unflatten(sizes),
+      index,
+    )
 
   def init_fn(params):
-    forward, backward, _ = refresh(params)
+    forward, backward, _, index = refresh(params)
     zeros_scalar = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward)
     return TopKastState(
       count=jnp.zeros((), jnp.int32),
-      forward_mask=forward,
-      backward_mask=backward,
+      forward_mask=_packed(forward),
+      backward_mask=_packed(backward),
+      backward_index=index,
       ever_in_c=jax.tree.map(jnp.logical_not, backward) if track_mask_changes else None,
       entered_from_c=jax.tree.map(jnp.zeros_like, forward) if track_mask_changes else None,
       forward_change=zeros_scalar if track_mask_changes else None,
       penalty=zeros_scalar,
-      inner_state=inner.init(params),
+      inner_state=inner.init(compact.gather(params, index) if compact_inner_state else params),
     )
 
   def refreshed_state(state, params_after, inner_state):
-    forward, backward, forward_sizes = refresh(params_after)
+    forward, backward, forward_sizes, index = refresh(params_after)
     changed, seen, entered = state.forward_change, state.ever_in_c, state.entered_from_c
+    old_forward = unpack_masks(state.forward_mask) if track_mask_changes else None
     if track_mask_changes:
       changed = jax.tree.map(  # share of A new since the last refresh
         lambda old, new, size: jnp.sum(new & ~old, dtype=jnp.int32) / jnp.float32(max(size, 1)),
-        state.forward_mask,
+        old_forward,
         forward,
         forward_sizes,
       )
       entered = jax.tree.map(lambda e, c, a: e | (c & a), entered, seen, forward)
       seen = jax.tree.map(lambda c, b: c | ~b, seen, backward)
-    if reset_inner_state_on_exit:
+    if compact_inner_state:
+      inner_state = compact.move_state(inner, inner_state, state.backward_index, index)
+    elif reset_inner_state_on_exit:
       left_b = jax.tree.map(
         lambda p, old, new: jnp.zeros((), bool) if is_masked(old) else old & ~new,
         params_after,
-        state.backward_mask,
+        unpack_masks(state.backward_mask),
         backward,
       )
       inner_state = optax.tree_utils.tree_map_params(
@@ -180,23 +210,42 @@ def topkast(
         left_b,
         transform_non_params=lambda s: s,
       )
-    return forward, backward, seen, entered, changed, inner_state
+    masks = (_packed(forward), _packed(backward), index)
+    return (*masks, seen, entered, changed, inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError('topkast needs the current params: call tx.update(grads, state, params).')
     specs = leaf_specs(params)
     check_state_matches(params, state, specs)
-    grads, penalty = regularizer.restrict_and_regularise(
-      updates, params, state.forward_mask, state.backward_mask, specs, exploration_l2
-    )
-    new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-    if wrapped:
-      new_updates = jax.tree.map(
-        lambda u, b: u if is_masked(b) else jnp.where(b, u, jnp.zeros_like(u)),
-        new_updates,
-        state.backward_mask,
+    if compact_inner_state:  # the wrapped optimizer sees the vector of B's weights per leaf
+      index = state.backward_index
+      inner_params = compact.gather(params, index)
+      # Every gathered weight is in B; kept as data (i >= 0), not a constant True, so that XLA
+      # compiles the penalty's arithmetic as on the dense path and the two stay bit-identical.
+      in_b = jax.tree.map(lambda i: i if is_masked(i) else i >= 0, index, is_leaf=is_masked)
+      grads, penalty = regularizer.restrict_and_regularise(
+        compact.gather(updates, index),
+        inner_params,
+        compact.gather_masks(state.forward_mask, index),
+        in_b,
+        specs,
+        exploration_l2,
       )
+      new_updates, inner_state = inner.update(grads, state.inner_state, inner_params, **extra_args)
+      new_updates = compact.scatter(new_updates, index, params)
+    else:
+      forward, backward = unpack_masks(state.forward_mask), unpack_masks(state.backward_mask)
+      grads, penalty = regularizer.restrict_and_regularise(
+        updates, params, forward, backward, specs, exploration_l2
+      )
+      new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+      if wrapped:
+        new_updates = jax.tree.map(
+          lambda u, b: u if is_masked(b) else jnp.where(b, u, jnp.zeros_like(u)),
+          new_updates,
+          backward,
+        )
     count = optax.safe_int32_increment(state.count)
 
     # The wrapped form takes masks from the params after this update; the link form cannot.
@@ -208,19 +257,19 @@ def topkast(
       return refreshed_state(state, after, inner_state)
 
     def keep():
-      masks = (state.forward_mask, state.backward_mask, state.ever_in_c, state.entered_from_c)
-      return (*masks, state.forward_change, inner_state)
+      masks = (state.forward_mask, state.backward_mask, state.backward_index, state.ever_in_c)
+      return (*masks, state.entered_from_c, state.forward_change, inner_state)
 
     if update_every == 1:
       masks = refresh_now()
-    elif reset_inner_state_on_exit:
+    elif reset_inner_state_on_exit or compact_inner_state:
       masks = jax.lax.cond(count % update_every == 0, refresh_now, keep)
     else:  # Leave the optimizer state out of the conditional: no copy of it per step.
-      masks = jax.lax.cond(count % update_every == 0, lambda: refresh_now()[:5], lambda: keep()[:5])
+      masks = jax.lax.cond(count % update_every == 0, lambda: refresh_now()[:6], lambda: keep()[:6])
       masks = (*masks, inner_state)
-    forward, backward, seen, entered, changed, inner_state = masks
+    forward, backward, index, seen, entered, changed, inner_state = masks
     return new_updates, TopKastState(
-      count, forward, backward, seen, entered, changed, penalty, inner_state
+      count, forward, backward, index, seen, entered, changed, penalty, inner_state
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,135 @@
+"""The wrapped optimizer's state kept for the weights in B only (``compact_inner_state``).
+
+Each sparse leaf is seen by the wrapped optimizer as a vector of its |B| weights in flat
+(C-order) index order, padded to `length` (at most 1/64 more) so that it shards evenly over
+up to 1024 devices; padding slots hold the index ``size`` (past the leaf), read as zeros and
+never written. `gather` takes B's weights out of a leaf, `scatter` puts updates back, and
+`move_state` carries the state of weights that stay in B to their new slots at a refresh (new
+ones start at zero), with no array the size of the whole leaf.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from topkast_jax import automatic_sharding, bitmask
+from topkast_jax.states import is_masked
+from topkast_jax.topk import flat_index
+
+
+def length(size_b: int) -> int:
+  """Slots for |B| = ``size_b`` weights: a multiple of the largest power of two up to 1024 that
+  is at most ``size_b / 64``."""
+  align = 1
+  while align < 1024 and 2 * align <= size_b // 64:
+    align *= 2
+  return -(-size_b // align) * align
+
+
+def _coordinates(index, shape):
+  """Per-axis coordinates of flat indices; the padding index ``size`` lands past axis 0."""
+  coords, stride = [], 1
+  for extent in reversed(shape[1:]):
+    coords.append((index // stride) % extent)
+    stride *= extent
+  return (index // stride, *reversed(coords))
+
+
+def indices_of(mask: jax.Array, size_b: int) -> jax.Array:
+  """B's sorted flat indices (int32, `length` slots, padded with ``mask.size``).
+
+  An entry's slot is the count of True entries before its row plus its rank within its row
+  (the last axis), so a sharded mask is never gathered: only row counts and the slots cross
+  devices.
+  """
+  slots = length(size_b)
+
+  def find(mask):
+    rows = mask.reshape(1, -1) if mask.ndim < 2 else mask
+    row_counts = jnp.sum(rows, axis=-1, dtype=jnp.int32).reshape(-1)
+    before_row = (jnp.cumsum(row_counts) - row_counts).reshape(rows.shape[:-1])
+    place = before_row[..., None] + jnp.cumsum(rows, axis=-1, dtype=jnp.int32) - 1
+    place = jnp.where(rows, place, slots)  # past the end: dropped
+    offsets = flat_index(rows.shape) - mask.size
+    return jnp.full(slots, mask.size, jnp.int32).at[place].add(offsets, mode='drop')
+
+  spec = automatic_sharding.vector_spec(mask, slots)
+  return automatic_sharding.call(find, mask, spec, mask)
+
+
+def _gather_leaf(x, index):
+  def take(x, index):  # by coordinates: no reshape of a sharded leaf
+    return x.at[_coordinates(index, x.shape)].get(mode='fill', fill_value=0)
+
+  spec = automatic_sharding.vector_spec(x, index.shape[0])
+  return automatic_sharding.call(take, x, spec, x, index)
+
+
+def _gather_mask_leaf(mask, index):
+  """A mask (`topkast_jax.bitmask`: packed or bool) at index, read from its bytes."""
+  if mask.dtype != jnp.uint8:
+    return _gather_leaf(mask, index)
+
+  def take(mask, index):
+    *lead, last = _coordinates(index, bitmask.shape(mask))
+    byte = mask.at[(*lead, last // 8)].get(mode='fill', fill_value=0)
+    return ((byte >> (last % 8).astype(jnp.uint8)) & 1).astype(bool)
+
+  spec = automatic_sharding.vector_spec(mask, index.shape[0])
+  return automatic_sharding.call(take, mask, spec, mask, index)
+
+
+def _scatter_leaf(vector, index, like):
+  def put(vector, index):
+    coords = _coordinates(index, like.shape)
+    return jnp.zeros(like.shape, vector.dtype).at[coords].set(vector, mode='drop')
+
+  return automatic_sharding.call(put, like, automatic_sharding.spec_of(like), vector, index)
+
+
+def gather(tree, index):
+  """Each leaf at a sparse position (index an array) as the vector of its entries at index."""
+  return jax.tree.map(lambda x, i: x if is_masked(i) else _gather_leaf(x, i), tree, index)
+
+
+def gather_masks(masks, index):
+  """Each mask at a sparse position as the bool vector of its entries at index."""
+  return jax.tree.map(lambda m, i: m if is_masked(i) else _gather_mask_leaf(m, i), masks, index)
+
+
+def scatter(vectors, index, like):
+  """Leaves shaped like ``like``: zero except ``vectors`` at ``index`` (dense leaves as given)."""
+  return jax.tree.map(
+    lambda v, i, x: v if is_masked(i) else _scatter_leaf(v, i, x), vectors, index, like
+  )
+
+
+def move_state(inner, inner_state, old_index, new_index):
+  """The compact inner state re-indexed from ``old_index`` to ``new_index`` (per sparse leaf):
+  a weight in both keeps its state, a new one gets zeros."""
+
+  def source(old, new):
+    if is_masked(old) or old.shape[0] == 0:
+      return None
+
+    def find(old, new):
+      position = jnp.clip(jnp.searchsorted(old, new), 0, old.shape[0] - 1)
+      return position, old[position] == new
+
+    spec = automatic_sharding.spec_of(new)
+    return automatic_sharding.call(find, new, (spec, spec), old, new)
+
+  sources = jax.tree.map(source, old_index, new_index, is_leaf=is_masked)
+
+  def move(s, src):
+    if src is None or jnp.ndim(s) != 1:
+      return s
+
+    def take(s, position, kept):
+      return jnp.where(kept, s[position], jnp.zeros_like(s))
+
+    return automatic_sharding.call(take, s, automatic_sharding.spec_of(s), s, *src)
+
+  return optax.tree_utils.tree_map_params(
+    inner, move, inner_state, sources, transform_non_params=lambda s: s
+  )
