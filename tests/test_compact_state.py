@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from test_transform import batches, init_params, make_step, mlp_loss, sparse_params
 
-from topkast_jax import topkast, unpack_masks
+from topkast_jax import bitmask, compact, topkast, unpack_masks
 
 DIMS = dict(d_in=12, d_hidden=16, d_out=8)  # 16 and 8: packed masks on both kernels
 L2 = 1e-3
@@ -29,6 +29,13 @@ def make_pair(optimizer, every):
   return reset, topkast(optimizer, compact_inner_state=True, **kwargs)
 
 
+def b_slots(state):
+  """B's slots per sparse leaf as compact_inner_state lays them out (from B's bits)."""
+  return jax.tree.map(
+    lambda b: compact.slots(bitmask.unpack(b), int(bitmask.count(b)))[0], state.backward_mask
+  )
+
+
 def dense_inner_state(tx_inner, state, params):
   """The compact state's inner state scattered to leaf shapes (zeros outside B)."""
 
@@ -38,7 +45,7 @@ def dense_inner_state(tx_inner, state, params):
     return jnp.zeros(p.size, s.dtype).at[index].set(s, mode='drop').reshape(p.shape)
 
   return optax.tree_utils.tree_map_params(
-    tx_inner, scatter, state.inner_state, state.backward_index, params
+    tx_inner, scatter, state.inner_state, b_slots(state), params
   )
 
 
@@ -65,7 +72,7 @@ def test_compact_equals_reset_on_exit_bit_for_bit(name, every):
   assert moved > 0, 'the test needs B to change'
   for kernel in KERNELS:  # B's sorted flat indices agree with the mask
     b = np.asarray(unpack_masks(s_compact.backward_mask)[kernel]['kernel']).ravel()
-    np.testing.assert_array_equal(s_compact.backward_index[kernel]['kernel'], np.flatnonzero(b))
+    np.testing.assert_array_equal(b_slots(s_compact)[kernel]['kernel'], np.flatnonzero(b))
 
 
 def test_padded_slots_read_zero_and_are_never_written():
@@ -85,7 +92,7 @@ def test_padded_slots_read_zero_and_are_never_written():
     p_reset, s_reset = reset_step(p_reset, s_reset, x)
     p_compact, s_compact = compact_step(p_compact, s_compact, x)
     chex.assert_trees_all_equal(p_compact, p_reset)
-    index = np.asarray(s_compact.backward_index['w'])
+    index = np.asarray(b_slots(s_compact)['w'])
     assert index.shape == (920,)
     b = np.asarray(unpack_masks(s_compact.backward_mask)['w']).ravel()
     np.testing.assert_array_equal(index[:915], np.flatnonzero(b))
@@ -104,7 +111,6 @@ def test_compact_state_holds_b_only():
     n = params[kernel]['kernel'].size
     size_b = round(0.6 * n)  # under 128: no padding
     assert adam.mu[kernel]['kernel'].shape == adam.nu[kernel]['kernel'].shape == (size_b,)
-    assert state.backward_index[kernel]['kernel'].shape == (size_b,)
     assert adam.mu[kernel]['bias'].shape == params[kernel]['bias'].shape  # dense leaves as is
     assert state.forward_mask[kernel]['kernel'].nbytes * 8 == n  # one bit per weight
   shapes = jax.eval_shape(compact.init, params)  # nothing allocated
@@ -131,7 +137,7 @@ def test_compact_under_pmap_equals_jit():
     jp, js = j_step(jp, js, (x, y))
   first = jax.tree.map(lambda x: x[0], (rp, rs))
   chex.assert_trees_all_close(first[0], jp, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_equal(first[1].backward_index, js.backward_index)
+  chex.assert_trees_all_equal(first[1].backward_mask, js.backward_mask)
   chex.assert_trees_all_equal(jax.tree.map(lambda x: x[-1], rs), first[1])  # replicas agree
 
 

@@ -153,13 +153,14 @@ def test_refresh_never_all_gathers_a_kernel(layout):
   assert collective_count(sparse_step) > collective_count(dense)
 
 
-def test_compact_state_under_fsdp_gathers_no_kernel():
-  """The compact path moves B's vectors (|B| = 6554 of 32768 weights per kernel, 6592 slots)
-  and their coordinates (two per slot), never a kernel."""
+@pytest.mark.parametrize('layout', list(LAYOUTS))
+def test_compact_state_gathers_no_kernel(layout):
+  """The compact path moves B's vectors (|B| = 6554 of 32768 weights per kernel, 6592 slots),
+  their coordinates (two per slot), packed mask bits and block counts, never a kernel."""
   mesh = mesh_of('explicit')
   with jax.set_mesh(mesh):
-    params = put(init_params(), mesh, kernel_spec('fsdp'))
-    x = jax.device_put(jnp.ones(SHAPE), NamedSharding(mesh, LAYOUTS['fsdp']))
+    params = put(init_params(), mesh, kernel_spec(layout))
+    x = jax.device_put(jnp.ones(SHAPE), NamedSharding(mesh, LAYOUTS[layout]))
     tx = make_tx(compact=True)
     compiled = jax.jit(make_step(tx)).lower(params, jax.jit(tx.init)(params), x).compile()
   gathered = all_gathers(compiled)

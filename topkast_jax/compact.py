@@ -5,7 +5,7 @@ Each sparse leaf is seen by the wrapped optimizer as a vector of its |B| weights
 up to 1024 devices; padding slots hold the index ``size`` (past the leaf), read as zeros and
 never written. `gather` takes B's weights out of a leaf, `scatter` puts updates back, and
 `move_state` carries the state of weights that stay in B to their new slots at a refresh (new
-ones start at zero), with no array the size of the whole leaf.
+ones start at zero).
 """
 
 import jax
@@ -35,31 +35,48 @@ def _coordinates(index, shape):
   return (index // stride, *reversed(coords))
 
 
-def indices_of(mask: jax.Array, size_b: int) -> jax.Array:
-  """B's sorted flat indices (int32, `length` slots, padded with ``mask.size``).
+def _running_count(rows):
+  """Inclusive running count of True along the last axis (int32): a triangular matmul per
+  block of 16, then a running sum of the block totals (4x faster on CPU than a cumsum)."""
+  width = rows.shape[-1]
+  if width % 16:
+    return jnp.cumsum(rows, axis=-1, dtype=jnp.int32)
+  blocks = rows.reshape(*rows.shape[:-1], width // 16, 16).astype(jnp.float32)
+  triangle = jnp.triu(jnp.ones((16, 16), jnp.float32))
+  within = jnp.einsum('...bw,wv->...bv', blocks, triangle, precision=jax.lax.Precision.HIGHEST)
+  totals = within[..., -1]
+  count = within + (jnp.cumsum(totals, axis=-1) - totals)[..., None]  # exact: below 2^24
+  return count.astype(jnp.int32).reshape(rows.shape)
 
-  An entry's slot is the count of True entries before its row plus its rank within its row
+
+def slots(mask: jax.Array, size_b: int) -> tuple[jax.Array, jax.Array]:
+  """B's slots: ``(index, place)``. ``index``: B's sorted flat indices (int32, `length`
+  entries, padded with ``mask.size``); ``place``: shaped like ``mask``, each weight's slot in
+  ``index``, -1 outside B.
+
+  A weight's slot is the count of B's weights before its row plus its rank within its row
   (the last axis), so a sharded mask is never gathered: only row counts and the slots cross
   devices.
   """
-  slots = length(size_b)
+  n_slots = length(size_b)
 
   def find(mask):
     rows = mask.reshape(1, -1) if mask.ndim < 2 else mask
     row_counts = jnp.sum(rows, axis=-1, dtype=jnp.int32).reshape(-1)
     before_row = (jnp.cumsum(row_counts) - row_counts).reshape(rows.shape[:-1])
-    place = before_row[..., None] + jnp.cumsum(rows, axis=-1, dtype=jnp.int32) - 1
-    place = jnp.where(rows, place, slots)  # past the end: dropped
+    place = jnp.where(rows, before_row[..., None] + _running_count(rows) - 1, -1)
     offsets = flat_index(rows.shape) - mask.size
-    return jnp.full(slots, mask.size, jnp.int32).at[place].add(offsets, mode='drop')
+    dropped = jnp.where(rows, place, n_slots)  # past the end: dropped
+    index = jnp.full(n_slots, mask.size, jnp.int32).at[dropped].add(offsets, mode='drop')
+    return index, place.reshape(mask.shape)
 
-  spec = automatic_sharding.vector_spec(mask, slots)
-  return automatic_sharding.call(find, mask, spec, mask)
+  specs = (automatic_sharding.vector_spec(mask, n_slots), automatic_sharding.spec_of(mask))
+  return automatic_sharding.call(find, mask, specs, mask)
 
 
-def _gather_leaf(x, index):
+def _gather_leaf(x, index, fill=0):
   def take(x, index):  # by coordinates: no reshape of a sharded leaf
-    return x.at[_coordinates(index, x.shape)].get(mode='fill', fill_value=0)
+    return x.at[_coordinates(index, x.shape)].get(mode='fill', fill_value=fill)
 
   spec = automatic_sharding.vector_spec(x, index.shape[0])
   return automatic_sharding.call(take, x, spec, x, index)
@@ -104,31 +121,25 @@ def scatter(vectors, index, like):
   )
 
 
-def move_state(inner, inner_state, old_index, new_index):
-  """The compact inner state re-indexed from ``old_index`` to ``new_index`` (per sparse leaf):
-  a weight in both keeps its state, a new one gets zeros."""
+def move_state(inner, inner_state, old_place, new_index):
+  """The compact inner state moved from the slots of ``old_place`` (see `slots`) to those of
+  ``new_index``, per sparse leaf: a weight in both keeps its state, a new one gets zeros."""
 
-  def source(old, new):
-    if is_masked(old) or old.shape[0] == 0:
+  def source(place, new):
+    if is_masked(place):
       return None
+    return _gather_leaf(place, new, fill=-1)  # the old slot of each new one, -1 if none
 
-    def find(old, new):
-      position = jnp.clip(jnp.searchsorted(old, new), 0, old.shape[0] - 1)
-      return position, old[position] == new
+  sources = jax.tree.map(source, old_place, new_index, is_leaf=is_masked)
 
-    spec = automatic_sharding.spec_of(new)
-    return automatic_sharding.call(find, new, (spec, spec), old, new)
-
-  sources = jax.tree.map(source, old_index, new_index, is_leaf=is_masked)
-
-  def move(s, src):
-    if src is None or jnp.ndim(s) != 1:
+  def move(s, source):
+    if source is None or jnp.ndim(s) != 1:
       return s
 
-    def take(s, position, kept):
-      return jnp.where(kept, s[position], jnp.zeros_like(s))
+    def take(s, source):
+      return jnp.where(source >= 0, s[jnp.maximum(source, 0)], jnp.zeros_like(s))
 
-    return automatic_sharding.call(take, s, automatic_sharding.spec_of(s), s, *src)
+    return automatic_sharding.call(take, s, automatic_sharding.spec_of(s), s, source)
 
   return optax.tree_utils.tree_map_params(
     inner, move, inner_state, sources, transform_non_params=lambda s: s

@@ -24,7 +24,6 @@ class TopKastState(NamedTuple):
   # uint8, 8 weights per byte along the last axis; bool if that axis is not a multiple of 8).
   forward_mask: optax.Params
   backward_mask: optax.Params
-  backward_index: optax.Params | None  # compact_inner_state (else None): B's sorted flat indices
   # With track_mask_changes (else None): bools like each sparse leaf, in C at some refresh
   # (init included), and in A at a refresh after one in C; a float32 scalar per sparse leaf,
   # the share of A new at the last refresh.

@@ -117,7 +117,8 @@ def topkast(
       at zero for new ones. Equal, bit for bit, to ``reset_inner_state_on_exit=True`` for
       elementwise optimizers (SGD, momentum, Adam, ...). An optimizer that reads a leaf's shape
       (factored moments, per-row norms, a weight-decay mask computed from ``ndim``) sees the
-      vector instead: give such masks as trees. The state then also holds B's indices (int32).
+      vector instead: give such masks as trees. B's indices are recomputed from its bits at
+      each update (a pass over each sparse leaf), not stored.
     track_mask_changes: keep the state's ``forward_change`` (share of A new at each refresh)
       and ``entered_from_c`` (weights in A at a refresh after one that had them in C, init
       included: those that ever moved from C into A, the paper's Fig. 3). They
@@ -145,44 +146,40 @@ def topkast(
     return resolve_sparsities(params, forward_sparsity, backward_sparsity, sparsity, distribution)
 
   def refresh(params):
-    """Bool (A, B), |A| and (compact only) B's flat indices per leaf; ``optax.MaskedNode()``
-    at dense leaves."""
+    """(A, B, |A|) per leaf, A and B as bool; ``optax.MaskedNode()`` at dense leaves."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     specs = leaf_specs(params)
     pairs = [_masks_for(x, s) for x, s in zip(leaves, specs)]
-    masked = [optax.MaskedNode()] * len(leaves)
-    sizes = [s.counts(x.size)[0] if s else m for x, s, m in zip(leaves, specs, masked)]
-    index = None
-    if compact_inner_state:
-      index = [
-        compact.indices_of(b, s.counts(b.size)[1]) if s else b for (_, b), s in zip(pairs, specs)
-      ]
-      index = treedef.unflatten(index)
+    sizes = [s.counts(x.size)[0] if s else optax.MaskedNode() for x, s in zip(leaves, specs)]
     unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    return (
-      unflatten([p[0] for p in pairs]),
-      unflatten([p[1] for p in pairs]),
-      unflatten(sizes),
-      index,
-    )
+    return unflatten([p[0] for p in pairs]), unflatten([p[1] for p in pairs]), unflatten(sizes)
+
+  def slots(backward, params):
+    """B's (index, place) trees (`compact.slots`) from bool masks; MaskedNode at dense leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    pairs = zip(leaves, treedef.flatten_up_to(backward), leaf_specs(params))
+    found = [(b, b) if s is None else compact.slots(b, s.counts(x.size)[1]) for x, b, s in pairs]
+    return treedef.unflatten([f[0] for f in found]), treedef.unflatten([f[1] for f in found])
 
   def init_fn(params):
-    forward, backward, _, index = refresh(params)
+    forward, backward, _ = refresh(params)
     zeros_scalar = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward)
+    inner_params = (
+      compact.gather(params, slots(backward, params)[0]) if compact_inner_state else params
+    )
     return TopKastState(
       count=jnp.zeros((), jnp.int32),
       forward_mask=_packed(forward),
       backward_mask=_packed(backward),
-      backward_index=index,
       ever_in_c=jax.tree.map(jnp.logical_not, backward) if track_mask_changes else None,
       entered_from_c=jax.tree.map(jnp.zeros_like, forward) if track_mask_changes else None,
       forward_change=zeros_scalar if track_mask_changes else None,
       penalty=zeros_scalar,
-      inner_state=inner.init(compact.gather(params, index) if compact_inner_state else params),
+      inner_state=inner.init(inner_params),
     )
 
-  def refreshed_state(state, params_after, inner_state):
-    forward, backward, forward_sizes, index = refresh(params_after)
+  def refreshed_state(state, params_after, inner_state, old_place):
+    forward, backward, forward_sizes = refresh(params_after)
     changed, seen, entered = state.forward_change, state.ever_in_c, state.entered_from_c
     old_forward = unpack_masks(state.forward_mask) if track_mask_changes else None
     if track_mask_changes:
@@ -195,7 +192,8 @@ def topkast(
       entered = jax.tree.map(lambda e, c, a: e | (c & a), entered, seen, forward)
       seen = jax.tree.map(lambda c, b: c | ~b, seen, backward)
     if compact_inner_state:
-      inner_state = compact.move_state(inner, inner_state, state.backward_index, index)
+      new_index, _ = slots(backward, params_after)
+      inner_state = compact.move_state(inner, inner_state, old_place, new_index)
     elif reset_inner_state_on_exit:
       left_b = jax.tree.map(
         lambda p, old, new: jnp.zeros((), bool) if is_masked(old) else old & ~new,
@@ -210,16 +208,16 @@ def topkast(
         left_b,
         transform_non_params=lambda s: s,
       )
-    masks = (_packed(forward), _packed(backward), index)
-    return (*masks, seen, entered, changed, inner_state)
+    return _packed(forward), _packed(backward), seen, entered, changed, inner_state
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError('topkast needs the current params: call tx.update(grads, state, params).')
     specs = leaf_specs(params)
     check_state_matches(params, state, specs)
+    place = None
     if compact_inner_state:  # the wrapped optimizer sees the vector of B's weights per leaf
-      index = state.backward_index
+      index, place = slots(unpack_masks(state.backward_mask), params)
       inner_params = compact.gather(params, index)
       # Every gathered weight is in B; kept as data (i >= 0), not a constant True, so that XLA
       # compiles the penalty's arithmetic as on the dense path and the two stay bit-identical.
@@ -254,22 +252,22 @@ def topkast(
     after = optax.apply_updates(params, new_updates) if wrapped else params
 
     def refresh_now():
-      return refreshed_state(state, after, inner_state)
+      return refreshed_state(state, after, inner_state, place)
 
     def keep():
-      masks = (state.forward_mask, state.backward_mask, state.backward_index, state.ever_in_c)
-      return (*masks, state.entered_from_c, state.forward_change, inner_state)
+      masks = (state.forward_mask, state.backward_mask, state.ever_in_c, state.entered_from_c)
+      return (*masks, state.forward_change, inner_state)
 
     if update_every == 1:
       masks = refresh_now()
     elif reset_inner_state_on_exit or compact_inner_state:
       masks = jax.lax.cond(count % update_every == 0, refresh_now, keep)
     else:  # Leave the optimizer state out of the conditional: no copy of it per step.
-      masks = jax.lax.cond(count % update_every == 0, lambda: refresh_now()[:6], lambda: keep()[:6])
+      masks = jax.lax.cond(count % update_every == 0, lambda: refresh_now()[:5], lambda: keep()[:5])
       masks = (*masks, inner_state)
-    forward, backward, index, seen, entered, changed, inner_state = masks
+    forward, backward, seen, entered, changed, inner_state = masks
     return new_updates, TopKastState(
-      count, forward, backward, index, seen, entered, changed, penalty, inner_state
+      count, forward, backward, seen, entered, changed, penalty, inner_state
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
