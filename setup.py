@@ -36,7 +36,7 @@ setuptools.setup(
   extras_require={
     'models': ['flax'],  # topkast_jax.models alone
     'experiments': EXPERIMENTS,
-    'test': EXPERIMENTS + ['pytest', 'ruff'],
+    'test': EXPERIMENTS + ['pytest', 'pytest-xdist', 'ruff'],
     # Only to prepare ImageNet with TFDS's builder; every other data set prepares without it.
     'tf': ['tensorflow'],
   },

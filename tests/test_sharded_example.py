@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_sharded_example_learns_sparse_on_eight_devices():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   run = subprocess.run(
-    [sys.executable, os.path.join(ROOT, 'examples', 'sharded_step.py'), '--steps=200'],
+    [sys.executable, os.path.join(ROOT, 'examples', 'sharded_step.py'), '--steps=100'],
     check=True,
     env=env,
     timeout=600,

@@ -6,6 +6,9 @@ it is built one bit at a time from the most significant bit, each bit costing on
 compare-and-count pass over the array (31 passes for float32, whatever k is). Entries equal to
 the threshold are taken in flat (C-order) index order, lowest first, so a mask holds exactly k
 entries even when magnitudes tie.
+
+Every pass works on the array in its own shape (no flattening), so on a sharded array XLA
+reduces histograms, counts and row totals across shards and never gathers the array.
 """
 
 from collections.abc import Sequence

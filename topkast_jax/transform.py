@@ -181,11 +181,10 @@ def topkast(
   def refreshed_state(state, params_after, inner_state, old_place):
     forward, backward, forward_sizes = refresh(params_after)
     changed, seen, entered = state.forward_change, state.ever_in_c, state.entered_from_c
-    old_forward = unpack_masks(state.forward_mask) if track_mask_changes else None
     if track_mask_changes:
       changed = jax.tree.map(  # share of A new since the last refresh
         lambda old, new, size: jnp.sum(new & ~old, dtype=jnp.int32) / jnp.float32(max(size, 1)),
-        old_forward,
+        unpack_masks(state.forward_mask),
         forward,
         forward_sizes,
       )
