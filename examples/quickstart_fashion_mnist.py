@@ -34,6 +34,9 @@ _FWD = flags.DEFINE_float('forward_sparsity', 0.9, 'Top-KAST forward sparsity.')
 _BWD = flags.DEFINE_float('backward_sparsity', 0.8, 'Top-KAST backward sparsity.')
 _EVERY = flags.DEFINE_integer('update_every', 1, 'Top-KAST mask refresh interval.')
 _L2 = flags.DEFINE_float('exploration_l2', 1e-4, 'Top-KAST exploration penalty lambda.')
+_COMPACT = flags.DEFINE_bool(
+  'compact_inner_state', False, "Top-KAST keeps the optimizer's state for B's weights only."
+)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for initialisation and data order.')
 
 
@@ -66,6 +69,7 @@ def train(method, model, params, train_data, test_data):
       backward_sparsity=_BWD.value,
       update_every=_EVERY.value,
       exploration_l2=_L2.value,
+      compact_inner_state=_COMPACT.value,
     )
   forward_params = topkast_jax.sparse_params if method == 'topkast' else (lambda p, s: p)
 
