@@ -116,8 +116,8 @@ def test_sharded_training_equals_unsharded(layout, kind, compact):
   with jax.set_mesh(mesh):
     sharded = put(init_params(), mesh, kernel_spec(layout))
     sharded_state = jax.jit(tx.init)(sharded)
-    for x in data:
-      sharded, sharded_state = jax.jit(step)(sharded, sharded_state, x)
+    for x in data:  # one step at a time: XLA:CPU's fake devices (examples/sharded_step.py)
+      sharded, sharded_state = jax.block_until_ready(jax.jit(step)(sharded, sharded_state, x))
   chex.assert_trees_all_equal(sharded, params)
   chex.assert_trees_all_equal(without_penalty(sharded_state), without_penalty(state))
   chex.assert_trees_all_close(sharded_state.penalty, state.penalty, rtol=1e-5)
