@@ -2,9 +2,9 @@
 the compact inner state against the dense-state path.
 
 Memory: the whole optimizer state, counted from ``jax.eval_shape`` (nothing is allocated), for
-ResNet-50 (ImageNet, first conv and head dense) and the paper's two Transformer-XLs (enwik8:
-24 layers, d_model 1024, d_ff 3072, 256 bytes; WikiText-103: 18 layers, d_model 1024, d_ff
-4096, 267,735 words, adaptive embedding and softmax), at forward / backward sparsity 0.8 / 0.5,
+the models of ``configs/``: ResNet-50 (ImageNet, first conv and head dense) and the paper's two
+Transformer-XLs (enwik8: 24 layers, d_model 1024, d_ff 3072, 256 bytes; WikiText-103: 18
+layers, d_model 1024, d_ff 4096, 267,735 words, adaptive embedding and softmax), at forward / backward sparsity 0.8 / 0.5,
 0.9 / 0.8 and 0.95 / 0.9. Three Top-KAST states: ``bool masks`` (the state before masks were
 packed: A and B one byte per weight, the optimizer's state dense), ``dense state`` (masks as
 bits) and ``compact`` (``compact_inner_state=True``: the optimizer's state and B's indices for
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,11 @@ import topkast_jax
 from topkast_jax import bitmask, models
 from topkast_jax.states import is_masked
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import resnet50_imagenet, transformer_xl_enwik8, transformer_xl_wikitext103  # noqa: E402
+
 SPARSITIES = ((0.8, 0.5), (0.9, 0.8), (0.95, 0.9))
+VOCABULARY = {'enwik8': 256, 'wikitext103': 267_735}  # bytes; words of WikiText-103's train
 OPTIMIZERS = {
   'adam': lambda: optax.adam(1e-3),
   'sgd_momentum': lambda: optax.sgd(0.1, momentum=0.9),
@@ -40,33 +45,23 @@ OPTIMIZERS = {
 
 
 def paper_models():
-  """name -> (params as ShapeDtypeStructs, sparsity overrides)."""
+  """name -> (params as ShapeDtypeStructs, sparsity overrides), each model built from its config."""
   key = jax.random.key(0)
-  resnet = models.ResNet50(num_classes=1000)
-  txl = dict(n_head=8, d_head=128, dropout=0.0, mem_len=0, untie_r=True, pre_norm=False)
-  enwik8 = models.TransformerXL(vocab_size=256, n_layer=24, d_model=1024, d_inner=3072, **txl)
-  txl.update(n_head=16, d_head=64)
-  wikitext = models.TransformerXL(
-    vocab_size=267_735,
-    n_layer=18,
-    d_model=1024,
-    d_inner=4096,
-    cutoffs=(20000, 40000, 200000),
-    div_val=4,
-    **txl,
-  )
-  image, text = jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 8), jnp.int32)
-  return {
-    'resnet50': (jax.eval_shape(resnet.init, key, image)['params'], models.resnet_sparsity()),
-    'txl_enwik8': (
-      jax.eval_shape(enwik8.init, key, text)['params'],
-      models.transformer_xl_sparsity(),
-    ),
-    'txl_wikitext103': (
-      jax.eval_shape(wikitext.init, key, text)['params'],
-      models.transformer_xl_sparsity(),
-    ),
+  resnet = models.ResNet50(num_classes=1000, **model_fields(resnet50_imagenet.get_config()))
+  image = jnp.zeros((1, 224, 224, 3))
+  found = {
+    'resnet50': (jax.eval_shape(resnet.init, key, image)['params'], models.resnet_sparsity())
   }
+  for name, module in (('txl_enwik8', transformer_xl_enwik8), ('txl_wikitext103', transformer_xl_wikitext103)):  # fmt: skip
+    config = module.get_config()
+    model = models.TransformerXL(vocab_size=VOCABULARY[config.dataset], **model_fields(config))
+    params = jax.eval_shape(model.init, key, jnp.zeros((1, 8), jnp.int32))['params']
+    found[name] = (params, models.transformer_xl_sparsity())
+  return found
+
+
+def model_fields(config) -> dict:
+  return {k: v for k, v in config.model.items() if k != 'name'}
 
 
 def nbytes(tree) -> int:
