@@ -17,19 +17,26 @@ from topkast_jax import (
   sparse_params,
   static_sparse,
   ste,
+  unpack_masks,
 )
 
 S = 0.75
 KERNELS = ('hidden', 'out')
 CONSTANT = {
-  'static': lambda inner, update_every=None, **kw: static_sparse(inner, sparsity_level=S, **kw),
-  'set': lambda inner, **kw: set_sparse(inner, sparsity_level=S, end_step=100, **kw),
-  'rigl': lambda inner, **kw: rigl(inner, sparsity_level=S, end_step=100, **kw),
+  'static': lambda inner, update_every=None, **kw: static_sparse(
+    inner, sparsity_level=S, track_mask_changes=True, **kw
+  ),
+  'set': lambda inner, **kw: set_sparse(
+    inner, sparsity_level=S, end_step=100, track_mask_changes=True, **kw
+  ),
+  'rigl': lambda inner, **kw: rigl(
+    inner, sparsity_level=S, end_step=100, track_mask_changes=True, **kw
+  ),
 }
 
 
 def kernel_masks(state):
-  return {k: np.asarray(state.forward_mask[k]['kernel']) for k in KERNELS}
+  return {k: np.asarray(unpack_masks(state.forward_mask)[k]['kernel']) for k in KERNELS}
 
 
 def first_by_key(candidates, key, k):
@@ -60,13 +67,13 @@ def test_one_drop_and_grow_matches_numpy(method):
   tx = CONSTANT[method](optax.sgd(lr), update_every=3, drop_fraction=lambda count: fraction)
   params, state, grads, new_params, new_state = one_update(tx, steps_before=2)
   for name in KERNELS:
-    mask = np.asarray(state.forward_mask[name]['kernel'])
+    mask = np.asarray(unpack_masks(state.forward_mask)[name]['kernel'])
     p, g = np.asarray(params[name]['kernel']), np.asarray(grads[name]['kernel'])
     after = p - lr * np.where(mask, g, 0)
     active = int(mask.sum())
     n_drop = int(np.floor(fraction * active + 0.5))
     kept = first_by_key(mask, np.abs(after), active - n_drop)
-    new_mask = np.asarray(new_state.forward_mask[name]['kernel'])
+    new_mask = np.asarray(unpack_masks(new_state.forward_mask)[name]['kernel'])
     grown = new_mask & ~kept
     np.testing.assert_array_equal(new_mask & kept, kept)  # the drop is exactly numpy's
     assert grown.sum() == n_drop > 0 and new_mask.sum() == active
@@ -174,21 +181,29 @@ def test_magnitude_pruning_follows_the_cubic_schedule_at_every_update():
   assert all(m.sum() == round((1 - S) * m.size) for m in kernel_masks(state).values())
 
 
-def test_ste_is_topkast_with_b_everything_every_step_and_no_penalty():
-  params, data = init_params(), batches(4, 5)
-  runs = []
-  for tx in (
-    ste(optax.sgd(0.1), sparsity_level=0.9),
-    topkast_jax.topkast(
-      optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.0, update_every=1
-    ),
-  ):
-    p, s = params, tx.init(params)
-    for batch in data:
-      p, s = make_step(tx)(p, s, batch)
-    runs.append((p, s))
-  chex.assert_trees_all_equal(runs[0], runs[1])
-  assert all(np.all(b) for b in jax.tree.leaves(runs[0][1].backward_mask))
+def test_ste_trains_every_weight_on_the_top_k_of_the_current_params():
+  """STE's defining properties, checked against numpy at every step: the forward pass uses
+  exactly the top-k of |theta| as it is now, and plain SGD moves every weight by the gradient
+  taken at that sparse point (nothing is held back, no penalty)."""
+  lr, params = 0.1, init_params()
+  tx = ste(optax.sgd(lr), sparsity_level=0.9)
+  state = tx.init(params)
+  grad_at_sparse_point = jax.jit(lambda p, s, b: jax.grad(mlp_loss)(sparse_params(p, s), b))
+  step = jax.jit(make_step(tx))
+  for batch in batches(4, 5):
+    in_a = {}
+    for name in KERNELS:
+      kernel = np.asarray(params[name]['kernel'])
+      in_a[name] = np.asarray(unpack_masks(state.forward_mask)[name]['kernel'])
+      np.testing.assert_array_equal(in_a[name], reference_mask(kernel, round(0.1 * kernel.size)))
+    grads = grad_at_sparse_point(params, state, batch)
+    new_params, state = step(params, state, batch)
+    expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    chex.assert_trees_all_close(new_params, expected, rtol=1e-6, atol=1e-7)
+    for name in KERNELS:  # the straight-through gradient moves weights outside A too
+      moved = np.asarray(new_params[name]['kernel'] != params[name]['kernel'])
+      assert moved[~in_a[name]].any(), name
+    params = new_params
 
 
 @pytest.mark.parametrize('method', ['set', 'rigl', 'gmp'])

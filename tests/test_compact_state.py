@@ -10,7 +10,16 @@ import orbax.checkpoint as ocp
 import pytest
 from test_transform import batches, init_params, make_step, mlp_loss, sparse_params
 
-from topkast_jax import bitmask, compact, topkast, unpack_masks
+from topkast_jax import (
+  bitmask,
+  compact,
+  magnitude_pruning,
+  rigl,
+  set_sparse,
+  static_sparse,
+  topkast,
+  unpack_masks,
+)
 
 DIMS = dict(d_in=12, d_hidden=16, d_out=8)  # 16 and 8: packed masks on both kernels
 L2 = 1e-3
@@ -75,6 +84,46 @@ def test_compact_equals_reset_on_exit_bit_for_bit(name, every):
   for kernel in KERNELS:  # B's sorted flat indices agree with the mask
     b = np.asarray(unpack_masks(s_compact.backward_mask)[kernel]['kernel']).ravel()
     np.testing.assert_array_equal(b_slots(s_compact)[kernel]['kernel'], np.flatnonzero(b))
+
+
+BASELINES = {
+  'static': lambda **kw: static_sparse(optax.adam(0.05), sparsity_level=0.7, **kw),
+  'set': lambda **kw: set_sparse(
+    optax.adam(0.05), sparsity_level=0.7, end_step=12, update_every=2, drop_fraction=0.5, **kw
+  ),
+  'rigl': lambda **kw: rigl(
+    optax.adam(0.05), sparsity_level=0.7, end_step=12, update_every=2, drop_fraction=0.5, **kw
+  ),
+}
+
+
+@pytest.mark.parametrize('method', list(BASELINES))
+def test_baseline_compact_equals_dense_state_bit_for_bit(method):
+  """Static, SET and RigL with compact_inner_state train exactly as with the dense state (a
+  grown weight starts from zero state either way), whose state equals it on the mask."""
+  params = init_params(**DIMS)
+  dense, small = BASELINES[method](), BASELINES[method](compact_inner_state=True)
+  p_dense, s_dense = params, dense.init(params)
+  p_small, s_small = params, small.init(params)
+  dense_step, small_step = jax.jit(make_step(dense)), jax.jit(make_step(small))
+  on_mask = lambda s, b: s if isinstance(b, optax.MaskedNode) else jnp.where(b, s, 0)  # noqa: E731
+  for batch in batches(3, 12, d_in=12, d_out=8):
+    p_dense, s_dense = dense_step(p_dense, s_dense, batch)
+    p_small, s_small = small_step(p_small, s_small, batch)
+    chex.assert_trees_all_equal(p_small, p_dense)
+    chex.assert_trees_all_equal(s_small.backward_mask, s_dense.backward_mask)
+    masks = unpack_masks(s_dense.backward_mask)
+    chex.assert_trees_all_equal(
+      dense_inner_state(optax.adam(0.05), s_small, params),
+      optax.tree_utils.tree_map_params(optax.adam(0.05), on_mask, s_dense.inner_state, masks),
+    )
+  size = s_small.inner_state[0].mu['hidden']['kernel'].shape[0]
+  assert size == compact.length(round(0.3 * 12 * 16))  # |A| weights, padded
+
+
+def test_magnitude_pruning_has_no_compact_state():
+  with pytest.raises(TypeError, match='compact_inner_state'):
+    magnitude_pruning(optax.sgd(0.1), sparsity_level=0.7, end_step=4, compact_inner_state=True)
 
 
 def test_padded_slots_read_zero_and_are_never_written():

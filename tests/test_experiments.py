@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from experiment_utils import TINY_TXL, assert_same, final_params, last_checkpoint, tiny_config
 
 from topkast_jax.data import sources
-from topkast_jax.training.methods import METHODS
+from topkast_jax.methods import METHODS
 from topkast_jax.training.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

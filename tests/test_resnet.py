@@ -8,6 +8,7 @@ import pytest
 
 import topkast_jax
 from topkast_jax.models import ResNet18, ResNet34, ResNet50, ResNet101, ResNetTiny, resnet_sparsity
+from topkast_jax.sparsity import is_dense
 
 
 def param_count(model, shape):
@@ -47,7 +48,7 @@ def test_sparsity_helper_keeps_first_conv_and_classifier_dense():
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
   specs = topkast_jax.resolve_sparsities(params, 0.9, 0.8, sparsity=resnet_sparsity())
   paths = [topkast_jax.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  sparse = {p for p, s in zip(paths, specs) if s is not None}
+  sparse = {p for p, s in zip(paths, jax.tree.leaves(specs, is_leaf=is_dense)) if not is_dense(s)}
   assert 'stem_conv/kernel' not in sparse and 'head/kernel' not in sparse
   assert 'stage1_block1/conv1/kernel' in sparse and 'stage2_block1/proj_conv/kernel' in sparse
   assert all(p.endswith('kernel') for p in sparse)

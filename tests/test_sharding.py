@@ -1,6 +1,6 @@
-"""Top-KAST on parameters sharded with NamedSharding (8 fake CPU devices): FSDP and tensor-
-parallel layouts, explicit and automatic meshes, equal to the unsharded run; the refresh's
-compiled HLO has no all-gather of a kernel; optax's state tools work on the state."""
+"""Every sparse method on parameters sharded with NamedSharding (8 fake CPU devices): FSDP and
+tensor-parallel layouts, explicit and automatic meshes, equal to the unsharded run; the mask
+change's compiled HLO has no all-gather of a kernel; optax's state tools work on the state."""
 
 import re
 
@@ -14,7 +14,17 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import topkast_jax
-from topkast_jax import sparse_params, topk_masks, topkast
+from topkast_jax import (
+  magnitude_pruning,
+  rigl,
+  set_sparse,
+  sparse_params,
+  stacked,
+  static_sparse,
+  ste,
+  topk_masks,
+  topkast,
+)
 
 LAYOUTS = {'fsdp': P('x', None), 'tensor_parallel': P(None, 'x')}
 SHAPE = (256, 128)
@@ -78,14 +88,30 @@ def loss(params, x):
   return jnp.sum(jnp.sin(params['w'] * x) + params['v'] ** 2 * x) + jnp.sum(params['b'])
 
 
-def make_tx(compact):
-  return topkast(
-    optax.adam(0.05),
-    forward_sparsity=0.9,
-    backward_sparsity=0.8,
-    exploration_l2=1e-3,
-    compact_inner_state=compact,
-  )
+METHODS = {  # each changes its masks at every one of the test's steps
+  'topkast': lambda inner, **kw: topkast(
+    inner, forward_sparsity=0.9, backward_sparsity=0.8, exploration_l2=1e-3, **kw
+  ),
+  'static': lambda inner, **kw: static_sparse(inner, sparsity_level=0.9, **kw),
+  'set': lambda inner, **kw: set_sparse(
+    inner, sparsity_level=0.9, end_step=10, update_every=1, drop_fraction=0.3, **kw
+  ),
+  'rigl': lambda inner, **kw: rigl(
+    inner, sparsity_level=0.9, end_step=10, update_every=1, drop_fraction=0.3, **kw
+  ),
+  'magnitude_pruning': lambda inner, **kw: magnitude_pruning(
+    inner, sparsity_level=0.9, end_step=2, update_every=1, **kw
+  ),
+  'ste': lambda inner, **kw: ste(inner, sparsity_level=0.9, **kw),
+}
+COMPACT = ('topkast', 'static', 'set', 'rigl')  # a fixed number of trained weights
+CASES = [(m, c) for m in METHODS for c in (False, True) if not c or m in COMPACT]
+
+
+def make_tx(compact, method='topkast', **kw):
+  if compact:
+    kw['compact_inner_state'] = True
+  return METHODS[method](optax.adam(0.05), **kw)
 
 
 def make_step(tx):
@@ -102,22 +128,22 @@ def without_penalty(state):
   return state._replace(penalty=None)
 
 
-@pytest.mark.parametrize('compact', [False, True], ids=['dense_state', 'compact_state'])
+@pytest.mark.parametrize('method,compact', CASES, ids=[f'{m}-{int(c)}' for m, c in CASES])
 @pytest.mark.parametrize('kind', ['explicit', 'auto'])
 @pytest.mark.parametrize('layout', list(LAYOUTS))
-def test_sharded_training_equals_unsharded(layout, kind, compact):
-  tx = make_tx(compact)
+def test_sharded_training_equals_unsharded(layout, kind, method, compact):
+  tx = make_tx(compact, method)
   step = make_step(tx)
   data = jax.random.normal(jax.random.key(3), (3, *SHAPE))
-  params, state = init_params(), tx.init(init_params())
+  params, state, step = init_params(), tx.init(init_params()), jax.jit(step)
   for x in data:
-    params, state = jax.jit(step)(params, state, x)
+    params, state = step(params, state, x)
   mesh = mesh_of(kind)
   with jax.set_mesh(mesh):
     sharded = put(init_params(), mesh, kernel_spec(layout))
     sharded_state = jax.jit(tx.init)(sharded)
     for x in data:  # one step at a time: XLA:CPU's fake devices (examples/sharded_step.py)
-      sharded, sharded_state = jax.block_until_ready(jax.jit(step)(sharded, sharded_state, x))
+      sharded, sharded_state = jax.block_until_ready(step(sharded, sharded_state, x))
   chex.assert_trees_all_equal(sharded, params)
   chex.assert_trees_all_equal(without_penalty(sharded_state), without_penalty(state))
   chex.assert_trees_all_close(sharded_state.penalty, state.penalty, rtol=1e-5)
@@ -129,15 +155,16 @@ def test_sharded_training_equals_unsharded(layout, kind, compact):
       assert sharded_state.inner_state[0].mu['w'].sharding.spec == P('x')
 
 
+@pytest.mark.parametrize('method', list(METHODS))
 @pytest.mark.parametrize('layout', list(LAYOUTS))
-def test_refresh_never_all_gathers_a_kernel(layout):
+def test_mask_change_never_all_gathers_a_kernel(layout, method):
   """Only row counts and histograms cross devices: every all-gather is at most one row of
   counts (a kernel has 32768 entries); the dense step for comparison has none."""
   mesh = mesh_of('explicit')
   with jax.set_mesh(mesh):
     params = put(init_params(), mesh, kernel_spec(layout))
     x = jax.device_put(jnp.ones(SHAPE), NamedSharding(mesh, LAYOUTS[layout]))
-    tx = make_tx(compact=False)
+    tx = make_tx(False, method)
     state = jax.jit(tx.init)(params)
     sparse_step = jax.jit(make_step(tx)).lower(params, state, x).compile()
     adam = optax.adam(0.05)
@@ -150,22 +177,26 @@ def test_refresh_never_all_gathers_a_kernel(layout):
   gathered = all_gathers(sparse_step)
   assert all(elements <= max(SHAPE) for _, elements in gathered), gathered
   assert all_gathers(dense) == []
-  assert collective_count(sparse_step) > collective_count(dense)
+  if method != 'static':  # a static mask never changes: nothing to select
+    assert collective_count(sparse_step) > collective_count(dense)
 
 
+@pytest.mark.parametrize('method', COMPACT)
 @pytest.mark.parametrize('layout', list(LAYOUTS))
-def test_compact_state_gathers_no_kernel(layout):
-  """The compact path moves B's vectors (|B| = 6554 of 32768 weights per kernel, 6592 slots),
-  their coordinates (two per slot), packed mask bits and block counts, never a kernel."""
+def test_compact_state_gathers_no_kernel(layout, method):
+  """The compact path moves B's vectors (Top-KAST: |B| = 6554 of 32768 weights per kernel in
+  6592 slots; the baselines: |A| = 3277 in 3296), their coordinates (two per slot), packed
+  mask bits and block counts, never a kernel."""
   mesh = mesh_of('explicit')
   with jax.set_mesh(mesh):
     params = put(init_params(), mesh, kernel_spec(layout))
     x = jax.device_put(jnp.ones(SHAPE), NamedSharding(mesh, LAYOUTS[layout]))
-    tx = make_tx(compact=True)
+    tx = make_tx(True, method)
     compiled = jax.jit(make_step(tx)).lower(params, jax.jit(tx.init)(params), x).compile()
+  slots = 6592 if method == 'topkast' else 3296
   gathered = all_gathers(compiled)
-  assert all(elements <= 2 * 6592 for _, elements in gathered), gathered
-  assert all(dtype != 'f32' or elements <= 6592 for dtype, elements in gathered), gathered
+  assert all(elements <= 2 * slots for _, elements in gathered), gathered
+  assert all(dtype != 'f32' or elements <= slots for dtype, elements in gathered), gathered
 
 
 @pytest.mark.parametrize('compact', [False, True], ids=['dense_state', 'compact_state'])
@@ -202,3 +233,39 @@ def test_state_shardings_follow_the_params_shardings():
   assert state.inner_state[0].nu['w'].sharding.spec == P('x')
   used = topkast_jax.unpack_masks(state.forward_mask)['w']
   assert int(jnp.sum(used)) == round(0.1 * SHAPE[0] * SHAPE[1])
+
+
+@pytest.mark.parametrize('method', ['topkast', 'rigl'])
+@pytest.mark.parametrize('spec', [P('x', None, None), P(None, 'x', None)], ids=['layers', 'rows'])
+def test_stacked_layers_sharded_equal_unsharded(spec, method):
+  """A (8, 64, 32) stack of layers with scales 1 ... 1e-7, selected per layer, sharded over
+  its layer axis or its rows on an explicit mesh: the same training as unsharded, and every
+  layer keeps exactly its own share."""
+  scales = 10.0 ** -jnp.arange(8.0)
+  stack = jax.random.normal(jax.random.key(5), (8, 64, 32)) * scales[:, None, None]
+  params = {'w': stack, 'b': jnp.zeros((8, 32))}
+  tx = make_tx(False, method, sparsity={'w|b': stacked()})
+
+  def stack_loss(params, x):
+    return jnp.sum(jnp.sin(params['w'] * x)) + jnp.sum(params['b'])
+
+  def step(params, state, x):
+    grads = jax.grad(stack_loss)(sparse_params(params, state), x)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  data = jax.random.normal(jax.random.key(6), (2, 8, 64, 32))
+  plain, state, step = params, tx.init(params), jax.jit(step)
+  for x in data:
+    plain, state = step(plain, state, x)
+  mesh = mesh_of('explicit')
+  with jax.set_mesh(mesh):
+    sharded = put(params, mesh, lambda x: spec if x.ndim == 3 else P())
+    sharded_state = jax.jit(tx.init)(sharded)
+    for x in data:
+      sharded, sharded_state = jax.block_until_ready(step(sharded, sharded_state, x))
+  chex.assert_trees_all_equal(sharded, plain)
+  chex.assert_trees_all_equal(without_penalty(sharded_state), without_penalty(state))
+  used = topkast_jax.unpack_masks(sharded_state.forward_mask)['w']
+  np.testing.assert_array_equal(jnp.sum(used, axis=(1, 2)), [round(0.1 * 64 * 32)] * 8)
+  assert sharded_state.forward_mask['w'].sharding.spec == spec

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from topkast_jax.sparsity import LeafSparsity, path_name, resolve_sparsities
+from topkast_jax.sparsity import LeafSparsity, is_dense, path_name, resolve_sparsities
 
 
 def cnn_params():
@@ -20,11 +20,14 @@ def cnn_params():
   }
 
 
+def spec_list(specs):
+  """The spec tree's leaves in ``tree_leaves(params)`` order, None at dense leaves."""
+  return [None if is_dense(s) else s for s in jax.tree.leaves(specs, is_leaf=is_dense)]
+
+
 def by_leaf(params, specs):
-
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-  return {path_name(p): s for p, s in zip(paths, specs)}
+  return {path_name(p): s for p, s in zip(paths, spec_list(specs))}
 
 
 def test_default_rule_kernels_sparse_vectors_dense():
@@ -70,8 +73,8 @@ def test_erk_keeps_global_budget_and_favours_small_layers():
     'tiny': jnp.zeros((2, 3)),
   }
   density = 0.1
-  uniform = resolve_sparsities(params, 1 - density, 1 - 2 * density)
-  erk = resolve_sparsities(params, 1 - density, 1 - 2 * density, distribution='erk')
+  uniform = spec_list(resolve_sparsities(params, 1 - density, 1 - 2 * density))
+  erk = spec_list(resolve_sparsities(params, 1 - density, 1 - 2 * density, distribution='erk'))
   sizes = [np.prod(x.shape) for x in params.values()]
   budget = sum(s.counts(n)[0] for s, n in zip(uniform, sizes))
   erk_count = sum(n if s is None else s.counts(n)[0] for s, n in zip(erk, sizes))

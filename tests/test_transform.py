@@ -272,10 +272,11 @@ def test_reset_inner_state_when_weight_leaves_b():
   p_keep, s_keep = params, keep.init(params)
   p_reset, s_reset = params, reset.init(params)
   left_total = 0
+  keep_step, reset_step = jax.jit(make_step(keep)), jax.jit(make_step(reset))
   for batch in batches(5, 10):
     old_b = unpack_masks(s_reset.backward_mask)['hidden']['kernel']
-    p_keep, s_keep = jax.jit(make_step(keep))(p_keep, s_keep, batch)
-    p_reset, s_reset = jax.jit(make_step(reset))(p_reset, s_reset, batch)
+    p_keep, s_keep = keep_step(p_keep, s_keep, batch)
+    p_reset, s_reset = reset_step(p_reset, s_reset, batch)
     left = np.asarray(old_b & ~unpack_masks(s_reset.backward_mask)['hidden']['kernel'])
     left_total += left.sum()
     trace = np.asarray(s_reset.inner_state[0].trace['hidden']['kernel'])
@@ -369,9 +370,9 @@ def test_inject_hyperparams_outside_and_inside():
   )
   results = []
   for tx in (outer, inner, plain):
-    p, s = params, tx.init(params)
+    p, s, step = params, tx.init(params), jax.jit(make_step(tx))
     for batch in batches(8, 6):
-      p, s = jax.jit(make_step(tx))(p, s, batch)
+      p, s = step(p, s, batch)
     results.append(p)
     assert int(topkast_jax.find_sparse_state(s).count) == 6
   chex.assert_trees_all_close(results[0], results[2], rtol=1e-6)

@@ -14,6 +14,7 @@ from topkast_jax.models import (
   rel_shift,
   transformer_xl_sparsity,
 )
+from topkast_jax.sparsity import is_dense
 
 TINY = dict(
   vocab_size=40, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=24, dropout=0.1, dropatt=0.1
@@ -200,7 +201,9 @@ def test_sparsity_helper_selects_attention_and_feed_forward_kernels():
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
   specs = topkast_jax.resolve_sparsities(params, 0.9, 0.8, sparsity=transformer_xl_sparsity())
   paths = [topkast_jax.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  sparse = sorted(p for p, s in zip(paths, specs) if s is not None)
+  sparse = sorted(
+    p for p, s in zip(paths, jax.tree.leaves(specs, is_leaf=is_dense)) if not is_dense(s)
+  )
   expected = sorted(
     f'layer_{i}/{m}/kernel'
     for i in range(2)

@@ -1,12 +1,13 @@
 """topkast_jax: Top-KAST sparse training (Jayakumar et al., NeurIPS 2020) for JAX, Flax and optax,
 with the methods it is compared with (static masks, SET, RigL, magnitude pruning, STE)."""
 
+from topkast_jax import methods
 from topkast_jax.baselines import magnitude_pruning, rigl, set_sparse, static_sparse, ste
+from topkast_jax.engine import Policy, sparse_training
 from topkast_jax.metrics import sparsity_metrics
-from topkast_jax.sparsity import LeafSparsity, path_name, resolve_sparsities
+from topkast_jax.sparsity import LeafSparsity, Stacked, path_name, resolve_sparsities, stacked
 from topkast_jax.states import (
-  MaskState,
-  TopKastState,
+  SparseState,
   find_sparse_state,
   sparse_params,
   sparse_value_and_grad,
@@ -19,18 +20,22 @@ __version__ = '0.1.0'
 
 __all__ = [
   'LeafSparsity',
-  'MaskState',
-  'TopKastState',
+  'Policy',
+  'SparseState',
+  'Stacked',
   'find_sparse_state',
   'magnitude_pruning',
+  'methods',
   'path_name',
   'resolve_sparsities',
   'rigl',
   'set_sparse',
   'sparse_params',
+  'sparse_training',
   'sparse_value_and_grad',
   'sparsity_metrics',
   'static_sparse',
+  'stacked',
   'ste',
   'topk_mask',
   'topk_masks',

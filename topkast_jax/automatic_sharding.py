@@ -25,6 +25,12 @@ def spec_of(x) -> P:
   return jax.typeof(x).sharding.spec if _explicit_axes(x) else P()
 
 
+def out_spec(x) -> P | None:
+  """``out_sharding`` for a new array shaped like ``x`` (random bits, say): ``x``'s spec under
+  explicit axes, else None (let XLA choose)."""
+  return jax.typeof(x).sharding.spec if _explicit_axes(x) else None
+
+
 def vector_spec(x, length: int) -> P:
   """A spec for a vector of ``length`` derived from leaf ``x``: sharded over every mesh axis
   ``x`` is sharded over when they divide it evenly, else replicated."""

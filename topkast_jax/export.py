@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
+from topkast_jax import bitmask
 from topkast_jax.sparsity import path_name
-from topkast_jax.states import check_state_matches, find_sparse_state, is_masked
+from topkast_jax.states import find_sparse_state, is_masked, matched_masks
 
 
 def _is_bcoo(x) -> bool:
@@ -29,7 +30,10 @@ def export_sparse(params, opt_state):
     ValueError: if ``opt_state`` holds no Top-KAST state, or one without any sparse leaf, or
       if ``params`` is not the tree the state was initialised with.
   """
-  masks = check_state_matches(params, find_sparse_state(opt_state))
+  forward, _ = matched_masks(params, find_sparse_state(opt_state))
+  masks = [
+    m if is_masked(m) else bitmask.unpack(m) for m in jax.tree.leaves(forward, is_leaf=is_masked)
+  ]
   if all(is_masked(m) for m in masks):
     raise ValueError(
       'the optimizer state holds no masks (every parameter is dense): there is nothing sparse '

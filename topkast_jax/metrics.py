@@ -5,27 +5,24 @@ import jax.numpy as jnp
 
 from topkast_jax import bitmask
 from topkast_jax.sparsity import path_name
-from topkast_jax.states import TopKastState, find_sparse_state, is_masked
+from topkast_jax.states import find_sparse_state, is_masked
 
 
 def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
   """Scalar metrics of the sparse-method state found inside ``opt_state`` (any method).
 
   Overall keys (weighted by leaf size over the sparse leaves): ``forward_density`` (share of
-  weights in use), ``forward_change`` (share of the mask new at its last update; zero for
-  static masks and for magnitude pruning, which only removes) and ``sparse_weights`` (n).
-  Top-KAST adds ``backward_density`` (|B| / n), ``entered_from_c`` (share of weights that ever
-  moved from C into A; the paper's Fig. 3) and ``penalty`` (the exploration penalty at the last
-  update, summed); ``forward_change`` and ``entered_from_c`` need ``topkast(...,
-  track_mask_changes=True)``. With ``per_leaf``, the same per sparse leaf as ``<path>/<name>``. All
-  reductions over masks (bit counts for Top-KAST's packed ones): cheap to log every step.
+  weights in use), ``backward_density`` (|B| / n; the forward density for the baselines),
+  ``penalty`` (Top-KAST's exploration penalty at the last update, summed; 0 for the others)
+  and ``sparse_weights`` (n). With ``track_mask_changes=True`` (every method takes it) also
+  ``forward_change`` (share of the mask new at its last change; zero for static masks and for
+  magnitude pruning, which only removes) and ``entered_from_c`` (share of weights that ever
+  moved from C into A; the paper's Fig. 3). With ``per_leaf``, the same per sparse leaf as
+  ``<path>/<name>``. All reductions over masks (bit counts): cheap to log every step.
   """
   state = find_sparse_state(opt_state)
-  topkast = isinstance(state, TopKastState)
-  tracked = state.forward_change is not None  # Top-KAST without track_mask_changes: None
-  fields = ['forward_change'] if tracked else []
-  if topkast:
-    fields += ['backward_mask', 'penalty'] + (['entered_from_c'] if tracked else [])
+  tracked = state.forward_change is not None  # None without track_mask_changes
+  fields = ['backward_mask', 'penalty'] + (['forward_change', 'entered_from_c'] if tracked else [])
   columns = {f: jax.tree_util.tree_leaves(getattr(state, f), is_leaf=is_masked) for f in fields}
   named = jax.tree_util.tree_flatten_with_path(state.forward_mask, is_leaf=is_masked)[0]
   out, totals, size = {}, {}, 0
@@ -37,12 +34,10 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
     # (numerator, denominator): a leaf's value is their ratio, the overall value the ratio of
     # their sums (a denominator of 0 makes a plain sum: the penalty).
     parts = {'forward_density': (count, n)}
+    parts['backward_density'] = (bitmask.count(leaf['backward_mask']).astype(jnp.float32), n)
+    parts['penalty'] = (leaf['penalty'], 0)
     if tracked:
       parts['forward_change'] = (leaf['forward_change'] * count, count)
-    if topkast:
-      parts['backward_density'] = (bitmask.count(leaf['backward_mask']).astype(jnp.float32), n)
-      parts['penalty'] = (leaf['penalty'], 0)
-    if 'entered_from_c' in leaf:
       parts['entered_from_c'] = (jnp.sum(leaf['entered_from_c'], dtype=jnp.float32), n)
     for key, (num, den) in parts.items():
       if per_leaf:

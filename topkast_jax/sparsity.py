@@ -15,6 +15,14 @@ A value is ``True`` (sparse at the global sparsities), ``False`` or ``0`` (dense
 forward density, capped at 1), or a pair ``(forward, backward)``. A forward sparsity of 0
 means dense: the leaf gets no masks and no exploration penalty.
 
+Stacked layers: a leaf whose leading axes index layers (flax ``nn.scan`` / ``nnx.scan`` stack a
+(L, d_in, d_out) kernel) is declared with ``stacked(value, axes=1)``; each slice of the first
+``axes`` axes is then one layer: its own top-k with exact counts, ERK on the slice's shape, the
+baselines' drop and grow per slice. ``value`` is any value above; None applies rule 1 to the
+slice (so a stack of biases, (L, d), stays dense). The shortcut for a whole scanned block:
+``sparsity={'layers': stacked()}``. Without the declaration a 3-D leaf is one layer
+(it may be a Conv1D or DenseGeneral kernel): its top-k is taken over the whole array.
+
 ``distribution`` spreads the global budget over the leaves left at the global sparsity:
 ``'uniform'`` gives each the same sparsity (the paper); ``'erk'`` (Erdos-Renyi-Kernel, as in
 RigL, Evci et al. 2020) gives leaf l a density proportional to sum(shape_l) / prod(shape_l),
@@ -22,6 +30,7 @@ with the same total number of forward weights as uniform; leaves that would exce
 become dense and the rest are rescaled.
 """
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -30,13 +39,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
-class LeafSparsity(NamedTuple):
-  """Static sparsity of one sparse leaf."""
+@dataclasses.dataclass(frozen=True)
+class LeafSparsity:
+  """Static sparsity of one sparse leaf (a pytree leaf itself: specs travel as a pytree)."""
 
-  forward: float  # forward sparsity S: A holds round((1 - S) * size) entries
-  backward: float  # backward sparsity: B holds round((1 - backward) * size) entries
+  forward: float  # forward sparsity S: A holds round((1 - S) * layer size) entries per layer
+  backward: float  # backward sparsity: B holds round((1 - backward) * layer size) per layer
+  layer_axes: int = 0  # leading axes that index stacked layers (see `stacked`)
 
   @property
   def forward_density(self) -> float:
@@ -47,8 +59,37 @@ class LeafSparsity(NamedTuple):
     return 1.0 - self.backward
 
   def counts(self, size: int) -> tuple[int, int]:
-    """``(|A|, |B|)`` for a leaf of ``size`` entries, rounding half up."""
+    """``(|A|, |B|)`` for a layer of ``size`` entries, rounding half up."""
     return _round_half_up(self.forward_density * size), _round_half_up(self.backward_density * size)
+
+  def layer_shape(self, shape) -> tuple[int, ...]:
+    return tuple(shape)[self.layer_axes :]
+
+  def layer_counts(self, shape) -> tuple[int, int]:
+    """``(|A|, |B|)`` of each layer of a leaf of ``shape``."""
+    return self.counts(math.prod(self.layer_shape(shape)))
+
+  def total_counts(self, shape) -> tuple[int, int]:
+    """``(|A|, |B|)`` over the whole leaf: the per-layer counts times the number of layers."""
+    layers = math.prod(tuple(shape)[: self.layer_axes])
+    return tuple(layers * c for c in self.layer_counts(shape))
+
+
+class Stacked(NamedTuple):
+  """A ``sparsity`` value for a leaf whose first ``axes`` axes index layers (see `stacked`)."""
+
+  value: Any = None
+  axes: int = 1
+
+
+def stacked(value=None, axes: int = 1) -> Stacked:
+  """Declares stacked layers: ``value`` (as for any leaf; None: sparse if each slice has
+  ndim >= 2) applies to each slice of the first ``axes`` axes, one layer each."""
+  if isinstance(axes, bool) or not isinstance(axes, int) or axes < 1:
+    raise ValueError(f'stacked(axes=...) must be an int >= 1, got {axes!r}.')
+  if isinstance(value, Stacked):
+    raise ValueError('stacked(...) cannot wrap another stacked(...).')
+  return Stacked(value, axes)
 
 
 def _round_half_up(x: float) -> int:
@@ -102,7 +143,7 @@ def check_step_count(name: str, value, least: int) -> None:
     raise ValueError(f'{name} must be in [{least}, 2**31) (an int32 step count), got {value}.')
 
 
-_Spec = bool | float | tuple[float, float]
+_Spec = bool | float | tuple[float, float] | Stacked
 SparsitySpec = None | Mapping[str, _Spec] | Callable[[str, Any], _Spec]
 
 
@@ -120,16 +161,17 @@ def _explicit_value(value, path, forward, backward) -> LeafSparsity | None:
     b = max(0.0, 1.0 - min(1.0, (1.0 - f) * ratio))
   else:
     raise ValueError(
-      f'sparsity value for {path!r} must be True, False, a float or a (forward, backward) '
-      f'pair, got {value!r}.'
+      f'sparsity value for {path!r} must be True, False, a float, a (forward, backward) '
+      f'pair or stacked(...), got {value!r}.'
     )
   check_sparsities(f, b, where=repr(path))
   return LeafSparsity(float(f), float(b))
 
 
-def _erk_densities(shapes: list[tuple[int, ...]], density: float) -> list[float]:
-  """Erdos-Renyi-Kernel densities with the same total count as a uniform ``density``."""
-  sizes = np.array([np.prod(s) for s in shapes], dtype=np.float64)
+def _erk_densities(shapes: list[tuple[int, ...]], sizes, density: float) -> list[float]:
+  """Erdos-Renyi-Kernel densities (scored on each layer's ``shapes``, leaves of ``sizes``
+  entries) with the same total count as a uniform ``density``."""
+  sizes = np.asarray(sizes, dtype=np.float64)
   scores = np.array([np.sum(s) / np.prod(s) for s in shapes], dtype=np.float64)
   budget = density * sizes.sum()
   dense = np.zeros(len(shapes), bool)
@@ -141,18 +183,43 @@ def _erk_densities(shapes: list[tuple[int, ...]], density: float) -> list[float]
     dense |= too_dense
 
 
+def is_dense(spec) -> bool:
+  """True at the dense positions (``optax.MaskedNode()``) of a spec or mask tree."""
+  return isinstance(spec, optax.MaskedNode)
+
+
+def _chosen_value(sparsity, patterns, name, leaf):
+  """The user's value for one leaf (None: rule 1), and its layer axes."""
+  if isinstance(sparsity, Mapping):
+    value = next((sparsity[r] for r, p in patterns.items() if p.search(name)), None)
+  elif callable(sparsity):
+    value = sparsity(name, leaf)
+  else:
+    value = None
+  axes = 0
+  if isinstance(value, Stacked):
+    value, axes = value
+    if axes >= jnp.ndim(leaf):
+      raise ValueError(
+        f'parameter {name!r} of shape {jnp.shape(leaf)} is declared stacked over {axes} '
+        'leading axes, which leaves no layer: give fewer axes, or mark it dense.'
+      )
+  return (jnp.ndim(leaf) - axes >= 2) if value is None else value, axes
+
+
 def resolve_sparsities(
   params,
   forward_sparsity: float,
   backward_sparsity: float,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
-) -> list[LeafSparsity | None]:
-  """Per-leaf sparsities, aligned with ``jax.tree_util.tree_leaves(params)``; None is dense.
+):
+  """Per-leaf sparsities as a pytree like ``params``: a `LeafSparsity` at each sparse leaf,
+  ``optax.MaskedNode()`` at dense ones.
 
   Raises:
     ValueError: for invalid sparsities, an unknown distribution, a regex that matches no leaf,
-      or a non-floating leaf marked sparse.
+      a non-floating leaf marked sparse, or a layer that would keep no weight.
   """
   check_sparsities(forward_sparsity, backward_sparsity)
   if distribution not in ('uniform', 'erk'):
@@ -161,7 +228,7 @@ def resolve_sparsities(
     raise ValueError(
       f'sparsity must be None, a mapping {{regex: value}} or a callable, got {sparsity!r}.'
     )
-  leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [path_name(p) for p, _ in leaves_with_paths]
 
   patterns = {}
@@ -178,15 +245,9 @@ def resolve_sparsities(
         shown = ', '.join(names[:20]) + (', ...' if len(names) > 20 else '')
         raise ValueError(f'sparsity override {regex!r} matches no parameter. Paths: {shown}.')
 
-  explicit: list[LeafSparsity | None] = []
+  explicit, layer_axes = [], []
   for name, (_, leaf) in zip(names, leaves_with_paths):
-    if isinstance(sparsity, Mapping):
-      value = next((sparsity[r] for r, p in patterns.items() if p.search(name)), None)
-      value = (jnp.ndim(leaf) >= 2) if value is None else value
-    elif callable(sparsity):
-      value = sparsity(name, leaf)
-    else:
-      value = jnp.ndim(leaf) >= 2
+    value, axes = _chosen_value(sparsity, patterns, name, leaf)
     resolved = _explicit_value(value, name, forward_sparsity, backward_sparsity)
     if (resolved is None or resolved.forward > 0) and not jnp.issubdtype(
       jnp.result_type(leaf), jnp.floating
@@ -196,23 +257,29 @@ def resolve_sparsities(
         'sparse; mark it dense in `sparsity`.'
       )
     explicit.append(resolved)
+    layer_axes.append(axes)
 
+  shapes = [tuple(int(d) for d in np.shape(leaf)) for _, leaf in leaves_with_paths]
   default = [i for i, e in enumerate(explicit) if e is None]
   result = list(explicit)
   if distribution == 'uniform' or not default:
     densities = [1.0 - forward_sparsity] * len(default)
   else:
-    shapes = [tuple(int(d) for d in np.shape(leaves_with_paths[i][1])) for i in default]
-    densities = _erk_densities(shapes, 1.0 - forward_sparsity)
+    layers = [shapes[i][layer_axes[i] :] for i in default]
+    densities = _erk_densities(
+      layers, [math.prod(shapes[i]) for i in default], 1.0 - forward_sparsity
+    )
   ratio = (1.0 - backward_sparsity) / (1.0 - forward_sparsity)
   for i, d in zip(default, densities):
     result[i] = LeafSparsity(1.0 - d, max(0.0, 1.0 - min(1.0, d * ratio)))
-  for name, (_, leaf), r in zip(names, leaves_with_paths, result):
-    size = int(np.prod(np.shape(leaf)))
+  result = [dataclasses.replace(r, layer_axes=a) for r, a in zip(result, layer_axes)]
+  for name, shape, r in zip(names, shapes, result):
+    size = math.prod(r.layer_shape(shape))
     if r.forward > 0 and r.counts(size)[0] == 0:
+      what = f'has layers of {size} entries' if r.layer_axes else f'has {size} entries'
       raise ValueError(
-        f'parameter {name!r} has {size} entries: at forward sparsity {r.forward:g} it would keep '
+        f'parameter {name!r} {what}: at forward sparsity {r.forward:g} it would keep '
         f'round({r.forward_density:g} x {size}) = 0 weights and never train. Mark it dense '
         f'(sparsity={{{name!r}: False}}) or give it a lower sparsity.'
       )
-  return [r if r.forward > 0 else None for r in result]
+  return treedef.unflatten([r if r.forward > 0 else optax.MaskedNode() for r in result])

@@ -1,7 +1,7 @@
 """The optimizer states of the sparse methods, and the sparse view of params they give.
 
-Every method keeps its forward mask in its state as ``forward_mask`` (bool, like each sparse
-leaf; ``optax.MaskedNode()`` at dense leaves). `sparse_params` reads it from whichever state
+Every method keeps its forward and backward masks in one state type, `SparseState` (bits,
+like each sparse leaf; ``optax.MaskedNode()`` at dense leaves). `sparse_params` reads it from whichever state
 an optimizer holds, so one train step serves Top-KAST and every baseline.
 """
 
@@ -16,17 +16,19 @@ from topkast_jax import bitmask
 from topkast_jax.sparsity import path_name
 
 
-class TopKastState(NamedTuple):
-  """State of `topkast`. Per-leaf fields hold ``optax.MaskedNode()`` at dense leaves."""
+class SparseState(NamedTuple):
+  """State of every sparse method (`topkast_jax.engine`). Per-leaf fields hold
+  ``optax.MaskedNode()`` at dense leaves."""
 
   count: chex.Array  # int32 scalar: updates since init
-  # A and B at the last refresh (A within B), per sparse leaf as bits (`topkast_jax.bitmask`:
-  # uint8, 8 weights per byte along the last axis; bool if that axis is not a multiple of 8).
+  # A and B at the last mask change (A within B; B = A for the baselines), per sparse leaf as
+  # bits (`topkast_jax.bitmask`: uint8, 8 weights per byte along the last axis; bool if that
+  # axis is not a multiple of 8).
   forward_mask: optax.Params
   backward_mask: optax.Params
-  # With track_mask_changes (else None): bools like each sparse leaf, in C at some refresh
-  # (init included), and in A at a refresh after one in C; a float32 scalar per sparse leaf,
-  # the share of A new at the last refresh.
+  # With track_mask_changes (else None): bools like each sparse leaf, in C at some mask change
+  # (init included), and in A at a change after one in C; a float32 scalar per sparse leaf,
+  # the share of A new at the last change.
   ever_in_c: optax.Params | None
   entered_from_c: optax.Params | None
   forward_change: optax.Params | None
@@ -34,40 +36,24 @@ class TopKastState(NamedTuple):
   inner_state: optax.OptState  # the wrapped optimizer's state (EmptyState without one)
 
 
-class MaskState(NamedTuple):
-  """State of the baselines (static, SET, RigL, magnitude pruning): one mask per sparse leaf."""
-
-  count: chex.Array  # int32 scalar: updates since init
-  forward_mask: optax.Params  # bool, like each sparse leaf: the weights in use
-  forward_change: (
-    optax.Params
-  )  # float32 scalar per sparse leaf: share of the mask new at last update
-  inner_state: optax.OptState  # the wrapped optimizer's state
-
-
-SparseState = TopKastState | MaskState
-
-
 def is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
 def unpack_masks(masks):
-  """A tree of masks (a state's ``forward_mask`` or ``backward_mask``) as bool arrays.
-
-  Top-KAST stores masks as bits (`topkast_jax.bitmask`); the baselines' masks are bool already.
-  """
+  """A tree of masks (a state's ``forward_mask`` or ``backward_mask``) as bool arrays."""
   return jax.tree.map(bitmask.unpack, masks)
 
 
-def check_state_matches(params, state: SparseState, specs=None) -> list:
-  """The forward mask (bool, or ``MaskedNode``) of each leaf of ``params``; raises ValueError unless
-  ``params`` is the tree (and, given ``specs``, the sparsity layout) ``state`` was made for.
+def matched_masks(params, state: SparseState, specs=None):
+  """``state``'s (forward, backward) masks, as stored (bits), laid out like ``params``
+  (``optax.MaskedNode()`` at dense leaves); raises ValueError unless ``params`` is the tree (and,
+  given ``specs``, the sparsity layout) ``state`` was made for.
 
   Leaves are matched by path, not by tree structure, so params and state may wrap their leaves
   in different containers (Flax NNX: ``Param`` in the model, ``OptVariable`` in the optimizer).
   """
-  leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [path_name(p) for p, _ in leaves_with_paths]
   masks = jax.tree_util.tree_flatten_with_path(state.forward_mask, is_leaf=is_masked)[0]
   if names != [path_name(p) for p, _ in masks]:
@@ -76,10 +62,14 @@ def check_state_matches(params, state: SparseState, specs=None) -> list:
       'params do not have the structure of the params the optimizer was initialised with '
       f'(params: {shown}). Re-run tx.init(params) after changing the model.'
     )
-  mask_leaves = [m for _, m in masks]
-  specs = specs if specs is not None else [not is_masked(m) for m in mask_leaves]
-  for name, (_, leaf), mask, spec in zip(names, leaves_with_paths, mask_leaves, specs):
-    expected = None if spec is None or spec is False else tuple(jnp.shape(leaf))
+  forward = [m for _, m in masks]
+  backward = jax.tree_util.tree_leaves(state.backward_mask, is_leaf=is_masked)
+  if specs is None:
+    sparse = [not is_masked(m) for m in forward]
+  else:
+    sparse = [not is_masked(s) for s in jax.tree_util.tree_leaves(specs, is_leaf=is_masked)]
+  for name, (_, leaf), mask, is_sparse in zip(names, leaves_with_paths, forward, sparse):
+    expected = tuple(jnp.shape(leaf)) if is_sparse else None
     got = None if is_masked(mask) else bitmask.shape(mask)
     if expected != got:
       raise ValueError(
@@ -88,17 +78,13 @@ def check_state_matches(params, state: SparseState, specs=None) -> list:
         f'{"none (dense)" if expected is None else f"one of shape {expected}"}. Re-run '
         'tx.init(params) after changing the model or the sparsity settings.'
       )
-  return [m if is_masked(m) else bitmask.unpack(m) for m in mask_leaves]
+  return treedef.unflatten(forward), treedef.unflatten(backward)
 
 
 def find_sparse_state(opt_state) -> SparseState:
   """The single sparse-method state anywhere inside an optax state (chain, MultiSteps, ...)."""
-  kinds = (TopKastState, MaskState)
-  found = [
-    s
-    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
-    if isinstance(s, kinds)
-  ]
+  is_state = lambda x: isinstance(x, SparseState)  # noqa: E731
+  found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state) if is_state(s)]
   if len(found) != 1:
     raise ValueError(
       f'expected exactly one sparse-training state inside the optimizer state, found '
@@ -114,10 +100,11 @@ def sparse_params(params, opt_state) -> Any:
   Works with the state of every method in this package. Differentiate the loss with respect
   to the result and pass that gradient to ``tx.update``.
   """
-  masks = check_state_matches(params, find_sparse_state(opt_state))
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  return treedef.unflatten(
-    [p if is_masked(a) else jnp.where(a, p, jnp.zeros_like(p)) for p, a in zip(leaves, masks)]
+  forward, _ = matched_masks(params, find_sparse_state(opt_state))
+  return jax.tree.map(
+    lambda p, a: p if is_masked(a) else jnp.where(bitmask.unpack(a), p, jnp.zeros_like(p)),
+    params,
+    forward,
   )
 
 

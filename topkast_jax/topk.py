@@ -11,6 +11,7 @@ Every pass works on the array in its own shape (no flattening), so on a sharded 
 reduces histograms, counts and row totals across shards and never gathers the array.
 """
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -20,7 +21,9 @@ import numpy as np
 from topkast_jax import automatic_sharding
 
 
-def _shaped_keys(x: jax.Array) -> jax.Array:
+def magnitude_keys(x: jax.Array) -> jax.Array:
+  """Unsigned-integer keys shaped like ``x``, ordered like ``|x|`` (NaN counts as the largest
+  magnitude)."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f'magnitude_keys needs a floating-point array, got dtype {x.dtype}.')
@@ -28,11 +31,6 @@ def _shaped_keys(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint64)
   # float16 and bfloat16 widen to float32 exactly, keeping their order.
   return jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
-
-
-def magnitude_keys(x: jax.Array) -> jax.Array:
-  """Flat unsigned-integer keys ordered like ``|x|`` (NaN counts as the largest magnitude)."""
-  return _shaped_keys(x).reshape(-1)
 
 
 def _bisection_search(keys, ks):
@@ -182,7 +180,60 @@ def _mask_at_threshold(keys, threshold, count_at_or_above, k):
   return jax.lax.cond(count_at_or_above == k, without_straddling_ties, with_straddling_ties)
 
 
-def topk_masks(x: jax.Array, ks: Sequence[int], method: str = 'auto') -> tuple[jax.Array, ...]:
+def top_keys_masks(keys: jax.Array, ks, *, layer_axes: int = 0, method: str = 'auto'):
+  """Boolean masks of the ``k`` largest ``keys`` for each k in ``ks``, per layer.
+
+  Ties go to the lowest flat (C-order) index, so a mask for a smaller k is a subset of one for
+  a larger k. Each slice of the first ``layer_axes`` axes is one layer with its own top-k.
+  The search runs on ``keys`` in its own shape, so a sharded array is never gathered, and the
+  masks come out sharded like ``keys``.
+
+  Args:
+    keys: unsigned-integer array whose top bit is zero (see `magnitude_keys`).
+    ks: per-layer counts: Python ints in [0, layer size], or traced int32 scalars (clipped).
+    layer_axes: leading axes that index layers.
+    method: search method, see `kth_largest_keys`.
+
+  Returns:
+    One boolean array shaped like ``keys`` per entry of ``ks``, with exactly k True entries in
+    each layer.
+  """
+  n = math.prod(keys.shape[layer_axes:])
+  static = [isinstance(k, (int, np.integer)) for k in ks]
+  if any(s and not 0 <= k <= n for s, k in zip(static, ks)):
+    raise ValueError(
+      f'top-k counts must be in [0, {n}] for layers of shape {keys.shape[layer_axes:]}, got '
+      f'{list(ks)}.'
+    )
+  searched = [i for i, (s, k) in enumerate(zip(static, ks)) if not s or 0 < k < n]
+  traced = [jnp.asarray(ks[i], jnp.int32) for i in searched if not static[i]]
+
+  def search(keys, *traced_ks):
+    given = iter(traced_ks)
+    counts = [int(ks[i]) if static[i] else jnp.clip(next(given), 1, n) for i in searched]
+    thresholds, at_or_above = kth_largest_keys(keys, counts, method)
+    return tuple(
+      _mask_at_threshold(keys, thresholds[j], at_or_above[j], k) for j, k in enumerate(counts)
+    )
+
+  for _ in range(layer_axes):
+    search = jax.vmap(search, in_axes=(0,) + (None,) * len(traced))
+  masks = {}
+  if searched:
+    specs = (automatic_sharding.spec_of(keys),) * len(searched)  # masks sharded like keys
+    found = automatic_sharding.call(search, keys, specs, keys, *traced)
+    given = iter(traced)
+    for i, mask in zip(searched, found):
+      masks[i] = mask if static[i] else mask & (next(given) > 0)
+  return tuple(
+    masks[i] if i in masks else (jnp.ones_like if k == n else jnp.zeros_like)(keys, bool)
+    for i, k in enumerate(ks)
+  )
+
+
+def topk_masks(
+  x: jax.Array, ks: Sequence[int], method: str = 'auto', layer_axes: int = 0
+) -> tuple[jax.Array, ...]:
   """Boolean masks of the exact top-k entries of ``|x|`` for each static k in ``ks``.
 
   One search finds every threshold together, so nested masks (Top-KAST's A within B) cost
@@ -191,42 +242,26 @@ def topk_masks(x: jax.Array, ks: Sequence[int], method: str = 'auto') -> tuple[j
 
   Args:
     x: floating-point array of any shape.
-    ks: Python ints in [0, x.size].
+    ks: Python ints in [0, layer size].
     method: search method, see `kth_largest_keys`.
+    layer_axes: leading axes of ``x`` that index layers: each slice gets its own top-k.
 
   Returns:
-    One boolean array shaped like ``x`` per entry of ``ks``, with exactly k True entries.
+    One boolean array shaped like ``x`` per entry of ``ks``, with exactly k True entries (per
+    layer).
   """
-  ks = [int(k) for k in ks]
-  n = int(np.prod(x.shape))
-  if any(not 0 <= k <= n for k in ks):
-    raise ValueError(f'top-k counts must be in [0, {n}] for an array of shape {x.shape}, got {ks}.')
-  searched = [k for k in ks if 0 < k < n]
-
-  def search(x):
-    keys = _shaped_keys(x)
-    thresholds, counts = kth_largest_keys(keys, searched, method)
-    return tuple(
-      _mask_at_threshold(keys, thresholds[i], counts[i], k) for i, k in enumerate(searched)
-    )
-
-  masks = {0: jnp.zeros_like(x, bool), n: jnp.ones_like(x, bool)}
-  if searched:
-    specs = (automatic_sharding.spec_of(x),) * len(searched)  # masks sharded like x
-    masks.update(zip(searched, automatic_sharding.call(search, x, specs, x)))
-  return tuple(masks[k] for k in ks)
+  return top_keys_masks(
+    magnitude_keys(x), [int(k) for k in ks], layer_axes=layer_axes, method=method
+  )
 
 
-def top_keys_mask(keys: jax.Array, k, method: str = 'auto') -> jax.Array:
-  """Flat mask of the ``k`` largest ``keys`` (ties: lowest index); ``k`` may be traced.
+def top_keys_mask(keys: jax.Array, k, method: str = 'auto', layer_axes: int = 0) -> jax.Array:
+  """Mask of the ``k`` largest ``keys`` (ties: lowest index) per layer; ``k`` may be traced.
 
-  ``keys`` as for `kth_largest_keys`; ``k`` an int or int32 scalar in [0, keys.size] (a count
-  outside is clipped). The mask holds exactly ``k`` entries.
+  ``keys`` as for `kth_largest_keys`; ``k`` an int or int32 scalar in [0, layer size] (a traced
+  count outside is clipped).
   """
-  k = jnp.asarray(k, jnp.int32)
-  searched = jnp.clip(k, 1, keys.shape[0])
-  thresholds, counts = kth_largest_keys(keys, [searched], method)
-  return _mask_at_threshold(keys, thresholds[0], counts[0], searched) & (k > 0)
+  return top_keys_masks(keys, [k], layer_axes=layer_axes, method=method)[0]
 
 
 def topk_mask(x: jax.Array, k: int, method: str = 'auto') -> jax.Array:

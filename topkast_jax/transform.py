@@ -6,23 +6,19 @@ The network runs on alpha = theta on A, 0 elsewhere (`sparse_params`); the gradi
 respect to alpha, plus the exploration penalty, is applied to theta on B only.
 """
 
-import functools
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from topkast_jax import bitmask, compact, regularizer
+from topkast_jax import engine
 from topkast_jax.sparsity import (
-  LeafSparsity,
   SparsitySpec,
   check_sparsities,
   check_step_count,
   resolve_sparsities,
 )
-from topkast_jax.states import TopKastState, check_state_matches, is_masked, unpack_masks
 from topkast_jax.topk import topk_masks
 
 
@@ -61,14 +57,9 @@ def warn_if_stale(forward_sparsity: float, backward_sparsity: float, update_ever
     )
 
 
-def _masks_for(leaf, spec: LeafSparsity | None):
-  if spec is None:
-    return optax.MaskedNode(), optax.MaskedNode()
-  return topk_masks(leaf, spec.counts(leaf.size))
-
-
-def _packed(masks):
-  return jax.tree.map(bitmask.pack, masks)
+def _top_masks(x, spec):
+  """(A, B) of one leaf: the top |A| and |B| of |x| in each of its layers."""
+  return topk_masks(x, spec.layer_counts(x.shape), layer_axes=spec.layer_axes)
 
 
 def topkast(
@@ -126,7 +117,7 @@ def topkast(
       default (the fields are then None).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; its state is a `TopKastState`.
+    An ``optax.GradientTransformationExtraArgs``; its state is a `SparseState`.
   """
   check_sparsities(forward_sparsity, backward_sparsity)
   _check_static(update_every, exploration_l2)
@@ -139,134 +130,21 @@ def topkast(
       raise ValueError(
         f'{name}=True needs a wrapped optimizer (inner); the link form holds no optimizer state.'
       )
-  wrapped = inner is not None
-  inner = optax.with_extra_args_support(inner if wrapped else optax.identity())
 
   def leaf_specs(params):
     return resolve_sparsities(params, forward_sparsity, backward_sparsity, sparsity, distribution)
 
-  def refresh(params):
-    """(A, B, |A|) per leaf, A and B as bool; ``optax.MaskedNode()`` at dense leaves."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    specs = leaf_specs(params)
-    pairs = [_masks_for(x, s) for x, s in zip(leaves, specs)]
-    sizes = [s.counts(x.size)[0] if s else optax.MaskedNode() for x, s in zip(leaves, specs)]
-    unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    return unflatten([p[0] for p in pairs]), unflatten([p[1] for p in pairs]), unflatten(sizes)
-
-  def slots(backward, params):
-    """B's (index, place) trees (`compact.slots`) from bool masks; MaskedNode at dense leaves."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    pairs = zip(leaves, treedef.flatten_up_to(backward), leaf_specs(params))
-    found = [(b, b) if s is None else compact.slots(b, s.counts(x.size)[1]) for x, b, s in pairs]
-    return treedef.unflatten([f[0] for f in found]), treedef.unflatten([f[1] for f in found])
-
-  def init_fn(params):
-    forward, backward, _ = refresh(params)
-    zeros_scalar = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward)
-    inner_params = (
-      compact.gather(params, slots(backward, params)[0]) if compact_inner_state else params
-    )
-    return TopKastState(
-      count=jnp.zeros((), jnp.int32),
-      forward_mask=_packed(forward),
-      backward_mask=_packed(backward),
-      ever_in_c=jax.tree.map(jnp.logical_not, backward) if track_mask_changes else None,
-      entered_from_c=jax.tree.map(jnp.zeros_like, forward) if track_mask_changes else None,
-      forward_change=zeros_scalar if track_mask_changes else None,
-      penalty=zeros_scalar,
-      inner_state=inner.init(inner_params),
-    )
-
-  def refreshed_state(state, params_after, inner_state, old_place):
-    forward, backward, forward_sizes = refresh(params_after)
-    changed, seen, entered = state.forward_change, state.ever_in_c, state.entered_from_c
-    if track_mask_changes:
-      changed = jax.tree.map(  # share of A new since the last refresh
-        lambda old, new, size: jnp.sum(new & ~old, dtype=jnp.int32) / jnp.float32(max(size, 1)),
-        unpack_masks(state.forward_mask),
-        forward,
-        forward_sizes,
-      )
-      entered = jax.tree.map(lambda e, c, a: e | (c & a), entered, seen, forward)
-      seen = jax.tree.map(lambda c, b: c | ~b, seen, backward)
-    if compact_inner_state:
-      new_index, _ = slots(backward, params_after)
-      inner_state = compact.move_state(inner, inner_state, old_place, new_index)
-    elif reset_inner_state_on_exit:
-      left_b = jax.tree.map(
-        lambda p, old, new: jnp.zeros((), bool) if is_masked(old) else old & ~new,
-        params_after,
-        unpack_masks(state.backward_mask),
-        backward,
-      )
-      inner_state = optax.tree_utils.tree_map_params(
-        inner,
-        lambda s, left: jnp.where(left, jnp.zeros_like(s), s),
-        inner_state,
-        left_b,
-        transform_non_params=lambda s: s,
-      )
-    return _packed(forward), _packed(backward), seen, entered, changed, inner_state
-
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError('topkast needs the current params: call tx.update(grads, state, params).')
-    specs = leaf_specs(params)
-    check_state_matches(params, state, specs)
-    place = None
-    if compact_inner_state:  # the wrapped optimizer sees the vector of B's weights per leaf
-      index, place = slots(unpack_masks(state.backward_mask), params)
-      inner_params = compact.gather(params, index)
-      # Every gathered weight is in B; kept as data (i >= 0), not a constant True, so that XLA
-      # compiles the penalty's arithmetic as on the dense path and the two stay bit-identical.
-      in_b = jax.tree.map(lambda i: i if is_masked(i) else i >= 0, index, is_leaf=is_masked)
-      grads, penalty = regularizer.restrict_and_regularise(
-        compact.gather(updates, index),
-        inner_params,
-        compact.gather_masks(state.forward_mask, index),
-        in_b,
-        specs,
-        exploration_l2,
-      )
-      new_updates, inner_state = inner.update(grads, state.inner_state, inner_params, **extra_args)
-      new_updates = compact.scatter(new_updates, index, params)
-    else:
-      forward, backward = unpack_masks(state.forward_mask), unpack_masks(state.backward_mask)
-      grads, penalty = regularizer.restrict_and_regularise(
-        updates, params, forward, backward, specs, exploration_l2
-      )
-      new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-      if wrapped:
-        new_updates = jax.tree.map(
-          lambda u, b: u if is_masked(b) else jnp.where(b, u, jnp.zeros_like(u)),
-          new_updates,
-          backward,
-        )
-    count = optax.safe_int32_increment(state.count)
-
-    # The wrapped form takes masks from the params after this update; the link form cannot.
-    # Computed outside the conditional: inside one jitted step XLA then shares this sum with
-    # the caller's apply_updates, instead of materialising the updates as a cond operand.
-    after = optax.apply_updates(params, new_updates) if wrapped else params
-
-    def refresh_now():
-      return refreshed_state(state, after, inner_state, place)
-
-    def keep():
-      masks = (state.forward_mask, state.backward_mask, state.ever_in_c, state.entered_from_c)
-      return (*masks, state.forward_change, inner_state)
-
-    if update_every == 1:
-      masks = refresh_now()
-    elif reset_inner_state_on_exit or compact_inner_state:
-      masks = jax.lax.cond(count % update_every == 0, refresh_now, keep)
-    else:  # Leave the optimizer state out of the conditional: no copy of it per step.
-      masks = jax.lax.cond(count % update_every == 0, lambda: refresh_now()[:5], lambda: keep()[:5])
-      masks = (*masks, inner_state)
-    forward, backward, seen, entered, changed, inner_state = masks
-    return new_updates, TopKastState(
-      count, forward, backward, seen, entered, changed, penalty, inner_state
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  policy = engine.Policy(
+    init=lambda i, x, spec: _top_masks(x, spec),
+    update=lambda i, count, after, grad, a, b, spec: _top_masks(after, spec),
+    due=None if update_every == 1 else lambda count: count % update_every == 0,
+    exploration_l2=exploration_l2,
+  )
+  return engine.sparse_training(
+    inner,
+    policy,
+    leaf_specs,
+    reset_inner_state_on_exit=reset_inner_state_on_exit,
+    compact_inner_state=compact_inner_state,
+    track_mask_changes=track_mask_changes,
+  )

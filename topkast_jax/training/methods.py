@@ -12,8 +12,8 @@ import jax
 import optax
 
 import topkast_jax
-
-METHODS = ('dense', 'topkast', 'ste', 'static', 'set', 'rigl', 'magnitude_pruning')
+from topkast_jax.methods import by_name
+from topkast_jax.sparsity import is_dense
 
 
 class Method(NamedTuple):
@@ -34,23 +34,7 @@ def _step(fraction: float, total_steps: int, least: int) -> int:
 
 def _wrap(config, inner, total_steps: int, overrides):
   """``inner`` wrapped by the sparse method of ``config`` (ValueError for bad settings)."""
-  s, name = config.sparsity, config.method
-  common = dict(sparsity=overrides, distribution=s.distribution)
-  if name == 'topkast':
-    return topkast_jax.topkast(
-      inner,
-      forward_sparsity=s.forward,
-      backward_sparsity=s.backward,
-      update_every=s.update_every,
-      exploration_l2=s.exploration_l2,
-      track_mask_changes=True,  # logged as sparsity/forward_change and sparsity/entered_from_c
-      **common,
-    )
-  common['sparsity_level'] = s.forward
-  if name == 'ste':
-    return topkast_jax.ste(inner, **common)
-  if name == 'static':
-    return topkast_jax.static_sparse(inner, seed=config.seed, **common)
+  s = config.sparsity
   for field in ('drop_fraction', 'begin_fraction', 'end_fraction'):
     if not 0.0 <= s[field] <= 1.0:
       raise ValueError(f'{field} must be in [0, 1] (a share of the run), got {s[field]}.')
@@ -58,12 +42,22 @@ def _wrap(config, inner, total_steps: int, overrides):
   if isinstance(every, bool) or not isinstance(every, int) or every < 1:
     raise ValueError(f'mask_update_every must be an int >= 1, got {every!r}.')
   end_step = _step(s.end_fraction, total_steps, 1)
-  common['update_every'] = every
-  if name == 'magnitude_pruning':
-    begin_step = min(_step(s.begin_fraction, total_steps, 0), end_step)
-    return topkast_jax.magnitude_pruning(inner, begin_step=begin_step, end_step=end_step, **common)
-  grow = topkast_jax.rigl if name == 'rigl' else topkast_jax.set_sparse
-  return grow(inner, end_step=end_step, drop_fraction=s.drop_fraction, seed=config.seed, **common)
+  return by_name(
+    config.method,
+    inner,
+    forward_sparsity=s.forward,
+    backward_sparsity=s.backward,
+    update_every=s.update_every,
+    exploration_l2=s.exploration_l2,
+    mask_update_every=every,
+    drop_fraction=s.drop_fraction,
+    begin_step=min(_step(s.begin_fraction, total_steps, 0), end_step),
+    end_step=end_step,
+    sparsity=overrides,
+    distribution=s.distribution,
+    seed=config.seed,
+    track_mask_changes=True,  # logged as sparsity/forward_change and sparsity/entered_from_c
+  )
 
 
 def check(config, total_steps: int = 1) -> None:
@@ -84,15 +78,12 @@ def build(config, schedule, params, total_steps: int, sparsity_overrides=None) -
   stay dense. Gradient clipping (``config.optimizer.clip_norm`` > 0) comes first.
   """
   s, sparse = config.sparsity, config.method != 'dense'
-  specs = [None] * len(jax.tree.leaves(params))
+  decay_mask = jax.tree.map(lambda x: x.ndim >= 2, params)
   if config.method == 'topkast':
     specs = topkast_jax.resolve_sparsities(
       params, s.forward, s.backward, sparsity_overrides, s.distribution
     )
-  decay_mask = jax.tree.unflatten(
-    jax.tree.structure(params),
-    [x.ndim >= 2 and spec is None for x, spec in zip(jax.tree.leaves(params), specs)],
-  )
+    decay_mask = jax.tree.map(lambda x, spec: x.ndim >= 2 and is_dense(spec), params, specs)
   tx = _inner(config, schedule)
   if config.optimizer.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(config.optimizer.weight_decay, decay_mask), tx)

@@ -9,7 +9,8 @@ import difflib
 import os
 import tempfile
 
-from topkast_jax.training import classification, methods
+from topkast_jax.methods import METHODS
+from topkast_jax.training import classification
 
 COMMON = set(
   'task dataset data_dir prepare_data model method sparsity optimizer schedule batch_size '
@@ -73,7 +74,7 @@ def check_config(config) -> None:
   _choice('task', config.get('task'), tuple(TASKS))
   _fields('', config, TASKS[config.task])
   _choice('dataset', config.dataset, DATASETS[config.task])
-  _choice('method', config.method, methods.METHODS)
+  _choice('method', config.method, METHODS)
   for section, known in (('model', MODELS), ('optimizer', OPTIMIZERS), ('schedule', SCHEDULES)):
     _choice(f'{section}.name', config[section].get('name'), tuple(known))
     _fields(f'{section}.', config[section], known[config[section].name])

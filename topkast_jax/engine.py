@@ -1,0 +1,228 @@
+"""The one engine every sparse method runs on; a method is a small `Policy` over it.
+
+The engine owns what all methods share: the masks in the optimizer state (bits), the
+gradient restricted to B (plus an optional exploration penalty), the wrapped optimizer (on the
+dense leaves, or with ``compact_inner_state`` on the vectors of B's weights), the update masked
+with B, when masks change (under a ``lax.cond`` unless every update), what happens to the
+optimizer state of a weight whose mask changed, and the mask-change tracking behind the
+metrics. A policy says how masks start, how they change and when.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from topkast_jax import bitmask, compact, regularizer
+from topkast_jax.sparsity import is_dense
+from topkast_jax.states import SparseState, matched_masks
+
+# init(leaf_id, param, spec) -> (A, B), bool masks shaped like param.
+InitMasks = Callable
+# update(leaf_id, count, params_after, grad, A, B, spec) -> (A, B): the masks after update
+# ``count`` (counted from 1); ``grad`` is the one passed to ``tx.update`` (at the sparse point).
+UpdateMasks = Callable
+
+
+class Policy(NamedTuple):
+  """How one sparse method's masks start and change."""
+
+  init: InitMasks
+  update: UpdateMasks | None  # None: masks never change
+  due: Callable[[jax.Array], jax.Array] | None = None  # count -> bool; None: every update
+  exploration_l2: float | jax.Array = 0.0  # Top-KAST's penalty (`topkast_jax.regularizer`)
+  zero_entering: bool = False  # a weight entering B lands on exactly zero, with zero state
+
+
+def _per_leaf(fn, params, specs, *trees):
+  """``fn(leaf_id, param, spec, *leaves)`` at sparse leaves (leaf_id: the index in
+  ``tree_leaves(params)``, which seeds random masks), ``MaskedNode()`` at dense ones."""
+  ids = jax.tree.unflatten(jax.tree.structure(params), range(len(jax.tree.leaves(params))))
+  return jax.tree.map(
+    lambda i, p, s, *xs: optax.MaskedNode() if is_dense(s) else fn(i, p, s, *xs),
+    ids,
+    params,
+    specs,
+    *trees,
+  )
+
+
+def _split(params, pairs):
+  """Two trees from a tree of pairs (``MaskedNode()`` at dense leaves stays in both)."""
+  pick = lambda j: lambda _, r: r if is_dense(r) else r[j]  # noqa: E731
+  return jax.tree.map(pick(0), params, pairs), jax.tree.map(pick(1), params, pairs)
+
+
+def _packed(masks):
+  return jax.tree.map(bitmask.pack, masks)
+
+
+def _unpacked(masks):
+  return jax.tree.map(bitmask.unpack, masks)
+
+
+def _where_not_dense(fn, params, *masks):
+  """``fn(param, *masks)`` at sparse leaves; params unchanged at dense ones."""
+  return jax.tree.map(lambda p, m, *r: p if is_dense(m) else fn(p, m, *r), params, *masks)
+
+
+def _slots(backward, specs):
+  """B's (index, place) trees (`compact.slots`) from bool masks; MaskedNode at dense leaves."""
+  found = jax.tree.map(
+    lambda b, s: b if is_dense(s) else compact.slots(b, s.total_counts(b.shape)[1]),
+    backward,
+    specs,
+    is_leaf=is_dense,
+  )
+  return _split(backward, found)
+
+
+def sparse_training(
+  inner: optax.GradientTransformation | None,
+  policy: Policy,
+  leaf_specs: Callable,
+  *,
+  reset_inner_state_on_exit: bool = False,
+  compact_inner_state: bool = False,
+  track_mask_changes: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """A sparse method around ``inner`` (None: Top-KAST's link form, see `topkast`).
+
+  ``leaf_specs(params)`` gives the spec tree (`topkast_jax.resolve_sparsities`);
+  ``reset_inner_state_on_exit``, ``compact_inner_state`` and ``track_mask_changes`` as for
+  `topkast`. Weights outside B never move (in the wrapped form); masks change after the update,
+  from the params after it.
+  """
+  wrapped = inner is not None
+  inner = optax.with_extra_args_support(inner if wrapped else optax.identity())
+
+  def tracked(old_a, new_a, new_b, seen, entered):
+    change = _where_not_dense(
+      lambda n, o: (
+        jnp.sum(n & ~o, dtype=jnp.float32) / jnp.maximum(jnp.sum(n, dtype=jnp.float32), 1.0)
+      ),
+      new_a,
+      old_a,
+    )
+    entered = jax.tree.map(lambda e, c, a: e | (c & a), entered, seen, new_a)
+    seen = jax.tree.map(lambda c, b: c | ~b, seen, new_b)
+    return seen, entered, change
+
+  def init_fn(params):
+    specs = leaf_specs(params)
+    forward, backward = _split(params, _per_leaf(policy.init, params, specs))
+    inner_params = (
+      compact.gather(params, _slots(backward, specs)[0]) if compact_inner_state else params
+    )
+    return SparseState(
+      count=jnp.zeros((), jnp.int32),
+      forward_mask=_packed(forward),
+      backward_mask=_packed(backward),
+      ever_in_c=jax.tree.map(jnp.logical_not, backward) if track_mask_changes else None,
+      entered_from_c=jax.tree.map(jnp.zeros_like, forward) if track_mask_changes else None,
+      forward_change=(
+        jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward) if track_mask_changes else None
+      ),
+      penalty=jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward),
+      inner_state=inner.init(inner_params),
+    )
+
+  def update_fn(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+        'this method needs the current params: call tx.update(grads, state, params).'
+      )
+    specs = leaf_specs(params)
+    forward_bits, backward_bits = matched_masks(params, state, specs)
+    forward, backward = _unpacked(forward_bits), _unpacked(backward_bits)
+    place = None
+    if compact_inner_state:  # the wrapped optimizer sees the vector of B's weights per leaf
+      index, place = _slots(backward, specs)
+      inner_params = compact.gather(params, index)
+      # Every gathered weight is in B; kept as data (i >= 0), not a constant True, so that XLA
+      # compiles the penalty's arithmetic as on the dense path and the two stay bit-identical.
+      in_b = jax.tree.map(lambda i: i if is_dense(i) else i >= 0, index, is_leaf=is_dense)
+      restricted, penalty = regularizer.restrict_and_regularise(
+        compact.gather(grads, index),
+        inner_params,
+        compact.gather_masks(forward_bits, index),
+        in_b,
+        specs,
+        policy.exploration_l2,
+      )
+      updates, inner_state = inner.update(restricted, state.inner_state, inner_params, **extra_args)
+      updates = compact.scatter(updates, index, params)
+    else:
+      restricted, penalty = regularizer.restrict_and_regularise(
+        grads, params, forward, backward, specs, policy.exploration_l2
+      )
+      updates, inner_state = inner.update(restricted, state.inner_state, params, **extra_args)
+      if wrapped:
+        updates = _where_not_dense(
+          lambda u, b: jnp.where(b, u, jnp.zeros_like(u)), updates, backward
+        )
+    count = optax.safe_int32_increment(state.count)
+
+    # The wrapped form takes masks from the params after this update; the link form cannot.
+    # Computed outside the conditional: inside one jitted step XLA then shares this sum with
+    # the caller's apply_updates, instead of materialising the updates as a cond operand.
+    after = optax.apply_updates(params, updates) if wrapped else params
+
+    def change():
+      new = _per_leaf(
+        lambda i, p, s, g, a, b: policy.update(i, count, p, g, a, b, s),
+        after,
+        specs,
+        grads,
+        forward,
+        backward,
+      )
+      new_a, new_b = _split(params, new)
+      tracking = state.ever_in_c, state.entered_from_c, state.forward_change
+      if track_mask_changes:
+        tracking = tracked(forward, new_a, new_b, state.ever_in_c, state.entered_from_c)
+      return new_a, new_b, tracking
+
+    if policy.update is None:  # masks never change (static)
+      new_bits, new_b = (forward_bits, backward_bits), backward
+      tracking = state.ever_in_c, state.entered_from_c, state.forward_change
+    elif policy.due is None:
+      new_a, new_b, tracking = change()
+      new_bits = _packed(new_a), _packed(new_b)
+    else:
+      keep = (
+        (forward_bits, backward_bits),
+        (state.ever_in_c, state.entered_from_c, state.forward_change),
+      )
+      new_bits, tracking = jax.lax.cond(
+        policy.due(count),
+        lambda: (lambda a, b, t: ((_packed(a), _packed(b)), t))(*change()),
+        lambda: keep,
+      )
+      new_b = _unpacked(new_bits[1])
+
+    if policy.update is not None:  # the state of weights whose mask changed
+      if compact_inner_state:
+        inner_state = compact.move_state(inner, inner_state, place, _slots(new_b, specs)[0])
+      elif reset_inner_state_on_exit or policy.zero_entering:
+        reset = _where_not_dense(
+          lambda new, old: new & ~old if policy.zero_entering else old & ~new, new_b, backward
+        )
+        inner_state = optax.tree_utils.tree_map_params(
+          inner,
+          lambda s, r: jnp.where(r, jnp.zeros_like(s), s),
+          inner_state,
+          jax.tree.map(
+            lambda r: jnp.zeros((), bool) if is_dense(r) else r, reset, is_leaf=is_dense
+          ),
+          transform_non_params=lambda s: s,
+        )
+      if policy.zero_entering:  # weights entering B land on zero: p + (-p) == 0 exactly
+        entering = _where_not_dense(lambda new, old: new & ~old, new_b, backward)
+        updates = _where_not_dense(lambda u, e, p: jnp.where(e, -p, u), updates, entering, params)
+    seen, entered, changed = tracking
+    return updates, SparseState(count, *new_bits, seen, entered, changed, penalty, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
