@@ -8,15 +8,16 @@ Transformer-XL's published enwik8 script (22 x 400k).
 
 import ml_collections
 
+from configs import base
+
 
 def get_config(variant: str = 'large'):
   if variant not in ('large', 'small'):
     raise ValueError(f"variant must be 'large' or 'small', got {variant!r}.")
   d_model, d_inner = (1024, 3072) if variant == 'large' else (512, 1536)
-  config = ml_collections.ConfigDict()
+  config = base.get_config()
   config.task = 'language_modeling'
   config.dataset = 'enwik8'
-  config.data_dir = ''
   config.prepare_data = False  # `python -m topkast_jax.data.prepare enwik8`
 
   config.model = ml_collections.ConfigDict(
@@ -37,22 +38,6 @@ def get_config(variant: str = 'large'):
     )
   )
 
-  config.method = 'topkast'  # or dense, ste, static, set, rigl, magnitude_pruning
-  config.sparsity = ml_collections.ConfigDict(
-    dict(
-      forward=0.8,
-      backward=0.0,
-      update_every=1,  # Top-KAST refresh interval: every step, as the paper
-      exploration_l2=0.0,
-      distribution='uniform',
-      # static, set, rigl, magnitude_pruning (RigL's reference defaults; fractions of training):
-      mask_update_every=100,
-      drop_fraction=0.3,  # set, rigl: share of the mask replaced, cosine-decayed to 0
-      begin_fraction=0.0,  # magnitude_pruning: pruning starts
-      end_fraction=0.75,  # set, rigl: last mask update; magnitude_pruning: target reached
-    )
-  )
-
   config.optimizer = ml_collections.ConfigDict(
     dict(name='adam', b1=0.9, b2=0.999, clip_norm=0.25, weight_decay=0.0)
   )
@@ -60,7 +45,7 @@ def get_config(variant: str = 'large'):
     dict(name='warmup_cosine', init_lr=1e-7, peak_lr=2e-4, warmup_steps=4000, end_lr=0.0)
   )
 
-  config.batch_size = 22
+  config.batch_size = 22  # rows, over all devices and processes
   config.tgt_len = 768
   config.eval_batch_size = 8
   config.eval_tgt_len = 768
@@ -70,7 +55,4 @@ def get_config(variant: str = 'large'):
   config.eval_every_steps = 20_000
   config.checkpoint_every_steps = 5_000
   config.max_checkpoints = 3
-  config.num_devices = 0
-  config.sync_every_step = False  # wait on every step (always so in multi-process CPU runs)
-  config.seed = 0
   return config
