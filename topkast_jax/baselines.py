@@ -207,20 +207,7 @@ def set_sparse(
   used as is, ``f = drop_fraction(count)``. Per layer of a stacked leaf; the other
   arguments as for `static_sparse`.
   """
-  return _drop_and_grow(
-    'set_sparse',
-    _random_keys,
-    inner,
-    sparsity_level=sparsity_level,
-    update_every=update_every,
-    drop_fraction=drop_fraction,
-    end_step=end_step,
-    sparsity=sparsity,
-    distribution=distribution,
-    seed=seed,
-    compact_inner_state=compact_inner_state,
-    track_mask_changes=track_mask_changes,
-  )
+  return _drop_and_grow('set_sparse', _random_keys, **locals())
 
 
 def rigl(
@@ -241,20 +228,7 @@ def rigl(
   The gradient is the one passed to ``update``, taken with respect to ``sparse_params``: it
   is dense, so the train step needs nothing extra. Ties go to the lowest flat index.
   """
-  return _drop_and_grow(
-    'rigl',
-    lambda key, grad: magnitude_keys(grad),
-    inner,
-    sparsity_level=sparsity_level,
-    update_every=update_every,
-    drop_fraction=drop_fraction,
-    end_step=end_step,
-    sparsity=sparsity,
-    distribution=distribution,
-    seed=seed,
-    compact_inner_state=compact_inner_state,
-    track_mask_changes=track_mask_changes,
-  )
+  return _drop_and_grow('rigl', lambda key, grad: magnitude_keys(grad), **locals())
 
 
 def magnitude_pruning(
