@@ -10,7 +10,7 @@ Inference: an MLP (inputs 1024, two hidden layers of 4096, 1000 outputs, batch 6
 dense kernels and with the exported BCOO kernels (``jax.experimental.sparse.sparsify``), both
 jitted, timed in interleaved rounds in this run.
 
-  python benchmarks/sparse_export.py [--rounds 7]
+  python benchmarks/sparse_export.py [--rounds 7] [--sparsities 0.8,0.9,0.95]
 """
 
 import argparse
@@ -39,7 +39,7 @@ def random_like(shapes, seed=0):
   return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
 
-def file_sizes(folder):
+def file_sizes(folder, sparsities):
   model = models.ResNet50(num_classes=1000)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
   params = random_like(shapes)
@@ -49,7 +49,7 @@ def file_sizes(folder):
   dense_bytes = os.path.getsize(dense_path)
   print(f'ResNet-50 shapes: {sum(x.size for _, x in leaves):,} parameters')
   print(f'  dense checkpoint (numpy.savez)     {dense_bytes / 2**20:8.1f} MiB  ratio 1.000')
-  for s in SPARSITIES:
+  for s in sparsities:
     tx = topkast_jax.topkast(
       optax.sgd(0.1), forward_sparsity=s, backward_sparsity=0.0, sparsity=models.resnet_sparsity()
     )
@@ -88,7 +88,7 @@ def median_ms(fn, args, rounds, calls=10):
   return float(np.median(times))
 
 
-def inference(rounds):
+def inference(rounds, sparsities):
   sizes = (1024, 4096, 4096, 1000)
   rng = np.random.default_rng(0)
   params = [
@@ -101,7 +101,7 @@ def inference(rounds):
   x = jnp.asarray(rng.standard_normal((64, sizes[0]), np.float32))
   print(f'MLP {sizes}, batch 64, {rounds} rounds x 10 calls, jax {jax.__version__} on cpu')
   dense_fn, sparse_fn = jax.jit(mlp), jax.jit(sparse.sparsify(mlp))
-  for s in SPARSITIES:
+  for s in sparsities:
     tx = topkast_jax.topkast(optax.sgd(0.1), forward_sparsity=s, backward_sparsity=0.0)
     state = tx.init(params)
     alpha = topkast_jax.sparse_params(params, state)
@@ -121,10 +121,12 @@ def inference(rounds):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--rounds', type=int, default=7)
+  parser.add_argument('--sparsities', default=','.join(map(str, SPARSITIES)))
   args = parser.parse_args()
+  sparsities = [float(s) for s in args.sparsities.split(',')]
   with tempfile.TemporaryDirectory() as folder:
-    file_sizes(folder)
-  inference(args.rounds)
+    file_sizes(folder, sparsities)
+  inference(args.rounds, sparsities)
 
 
 if __name__ == '__main__':

@@ -44,15 +44,18 @@ OPTIMIZERS = {
 }
 
 
-def paper_models():
-  """name -> (params as ShapeDtypeStructs, sparsity overrides), each model built from its config."""
+def paper_models(chosen=('resnet50', 'txl_enwik8', 'txl_wikitext103')):
+  """name -> (params as ShapeDtypeStructs, sparsity overrides) of the ``chosen`` models, each
+  built from its config."""
   key = jax.random.key(0)
-  resnet = models.ResNet50(num_classes=1000, **model_fields(resnet50_imagenet.get_config()))
-  image = jnp.zeros((1, 224, 224, 3))
-  found = {
-    'resnet50': (jax.eval_shape(resnet.init, key, image)['params'], models.resnet_sparsity())
-  }
+  found = {}
+  if 'resnet50' in chosen:
+    resnet = models.ResNet50(num_classes=1000, **model_fields(resnet50_imagenet.get_config()))
+    params = jax.eval_shape(resnet.init, key, jnp.zeros((1, 224, 224, 3)))['params']
+    found['resnet50'] = (params, models.resnet_sparsity())
   for name, module in (('txl_enwik8', transformer_xl_enwik8), ('txl_wikitext103', transformer_xl_wikitext103)):  # fmt: skip
+    if name not in chosen:
+      continue
     config = module.get_config()
     model = models.TransformerXL(vocab_size=VOCABULARY[config.dataset], **model_fields(config))
     params = jax.eval_shape(model.init, key, jnp.zeros((1, 8), jnp.int32))['params']
@@ -157,6 +160,7 @@ def sparse_weights(params, overrides) -> tuple[int, int]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--time_models', default='mlp,transformer_xl', help="'' to skip timing")
+  parser.add_argument('--memory_models', default='resnet50,txl_enwik8,txl_wikitext103')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--seconds', type=float, default=1.5, help='per round and configuration')
   parser.add_argument('--out_dir', default='.')
@@ -165,7 +169,7 @@ def main():
   results = {'memory': {}, 'time': []}
   print('| model | optimizer | sparsity | plain | bool masks | dense state | compact |')
   print('|---|---|---|---|---|---|---|')
-  for name, (params, overrides) in paper_models().items():
+  for name, (params, overrides) in paper_models(args.memory_models.split(',')).items():
     total, sparse = sparse_weights(params, overrides)
     rows = memory_rows(params, overrides)
     results['memory'][name] = {'parameters': total, 'sparse_weights': sparse, 'rows': rows}

@@ -40,9 +40,7 @@ def make_pair(optimizer, every):
 
 def b_slots(state):
   """B's slots per sparse leaf as compact_inner_state lays them out (from B's bits)."""
-  return jax.tree.map(
-    lambda b: compact.slots(bitmask.unpack(b), int(bitmask.count(b)))[0], state.backward_mask
-  )
+  return jax.tree.map(lambda b: compact.index_of(b, int(bitmask.count(b))), state.backward_mask)
 
 
 def dense_inner_state(tx_inner, state, params):
@@ -124,6 +122,26 @@ def test_baseline_compact_equals_dense_state_bit_for_bit(method):
 def test_magnitude_pruning_has_no_compact_state():
   with pytest.raises(TypeError, match='compact_inner_state'):
     magnitude_pruning(optax.sgd(0.1), sparsity_level=0.7, end_step=4, compact_inner_state=True)
+
+
+@pytest.mark.parametrize('shape', [(64,), (12, 16), (16, 8), (3, 8, 40), (7, 5), (2, 9, 3)])
+def test_slots_from_masks_as_stored_match_numpy(shape):
+  """B's indices and the old slots of new indices, from packed bits (last axis a multiple of 8)
+  and from bool masks, against numpy."""
+  rng = np.random.default_rng(sum(shape))
+  old, new = (rng.random(shape) < p for p in (0.3, 0.25))
+  stored = jax.jit(bitmask.pack)(jnp.asarray(old))
+  assert stored.dtype == (jnp.uint8 if shape[-1] % 8 == 0 else jnp.bool_)
+  index = np.asarray(jax.jit(compact.index_of, static_argnums=1)(stored, int(old.sum())))
+  want = np.flatnonzero(old)
+  np.testing.assert_array_equal(index[: len(want)], want)
+  np.testing.assert_array_equal(index[len(want) :], old.size)  # padding: past the leaf
+  new_index = np.asarray(compact.index_of(jnp.asarray(new), int(new.sum())))
+  slots = np.asarray(jax.jit(compact.old_slots)(stored, jnp.asarray(new_index)))
+  rank = np.cumsum(old.ravel()) - 1
+  padded = np.append(old.ravel(), False)  # the padding index reads as outside B
+  expected = np.where(padded[new_index], np.append(rank, -1)[new_index], -1)
+  np.testing.assert_array_equal(slots, expected)
 
 
 def test_padded_slots_read_zero_and_are_never_written():

@@ -3,13 +3,14 @@
 Each sparse leaf is seen by the wrapped optimizer as a vector of its |B| weights in flat
 (C-order) index order, padded to `length` (at most 1/64 more) so that it shards evenly over
 up to 1024 devices; padding slots hold the index ``size`` (past the leaf), read as zeros and
-never written. `gather` takes B's weights out of a leaf, `scatter` puts updates back, and
-`move_state` carries the state of weights that stay in B to their new slots at a refresh (new
-ones start at zero).
+never written. `index_of` finds B's indices from its mask as stored, `gather` takes B's weights out of a leaf,
+`scatter` puts updates back, and `move_state` carries the state of weights that stay in B to
+their new slots at a refresh (new ones start at zero).
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from topkast_jax import automatic_sharding, bitmask
@@ -36,8 +37,9 @@ def _coordinates(index, shape):
 
 
 def _running_count(rows):
-  """Inclusive running count of True along the last axis (int32): a triangular matmul per
-  block of 16, then a running sum of the block totals (4x faster on CPU than a cumsum)."""
+  """Inclusive running sum of bools or small counts along the last axis (int32, exact below
+  2^24): a triangular matmul per block of 16, then a running sum of the block totals (4x
+  faster on CPU than a cumsum)."""
   width = rows.shape[-1]
   if width % 16:
     return jnp.cumsum(rows, axis=-1, dtype=jnp.int32)
@@ -49,29 +51,93 @@ def _running_count(rows):
   return count.astype(jnp.int32).reshape(rows.shape)
 
 
-def slots(mask: jax.Array, size_b: int) -> tuple[jax.Array, jax.Array]:
-  """B's slots: ``(index, place)``. ``index``: B's sorted flat indices (int32, `length`
-  entries, padded with ``mask.size``); ``place``: shaped like ``mask``, each weight's slot in
-  ``index``, -1 outside B.
-
-  A weight's slot is the count of B's weights before its row plus its rank within its row
-  (the last axis), so a sharded mask is never gathered: only row counts and the slots cross
-  devices.
-  """
-  n_slots = length(size_b)
+def _place_of_bools(mask: jax.Array) -> jax.Array:
+  """Each weight's slot in B (-1 outside it), shaped like a bool ``mask``: the count of B's
+  weights before its row plus its rank in its row."""
 
   def find(mask):
     rows = mask.reshape(1, -1) if mask.ndim < 2 else mask
     row_counts = jnp.sum(rows, axis=-1, dtype=jnp.int32).reshape(-1)
     before_row = (jnp.cumsum(row_counts) - row_counts).reshape(rows.shape[:-1])
     place = jnp.where(rows, before_row[..., None] + _running_count(rows) - 1, -1)
-    offsets = flat_index(rows.shape) - mask.size
-    dropped = jnp.where(rows, place, n_slots)  # past the end: dropped
-    index = jnp.full(n_slots, mask.size, jnp.int32).at[dropped].add(offsets, mode='drop')
-    return index, place.reshape(mask.shape)
+    return place.reshape(mask.shape)
 
-  specs = (automatic_sharding.vector_spec(mask, n_slots), automatic_sharding.spec_of(mask))
-  return automatic_sharding.call(find, mask, specs, mask)
+  return automatic_sharding.call(find, mask, automatic_sharding.spec_of(mask), mask)
+
+
+def _index_of_bools(mask: jax.Array, size_b: int) -> jax.Array:
+  """`index_of` for a bool mask: one scatter of every weight to its slot."""
+  n_slots = length(size_b)
+
+  def find(mask, place):
+    offsets = flat_index(mask.shape) - mask.size
+    dropped = jnp.where(mask, place, n_slots)  # past the end: dropped
+    return jnp.full(n_slots, mask.size, jnp.int32).at[dropped].add(offsets, mode='drop')
+
+  spec = automatic_sharding.vector_spec(mask, n_slots)
+  return automatic_sharding.call(find, mask, spec, mask, _place_of_bools(mask))
+
+
+# _NTH_SET_BIT[v, r]: position of the r-th set bit (from the lowest) of the byte v.
+_NTH_SET_BIT = np.array(
+  [([b for b in range(8) if v >> b & 1] + [0] * 8)[:8] for v in range(256)], np.int32
+)
+
+
+def _bits_before(bits):
+  """Set bits of a packed mask before each of its bytes, in flat order (int32, like bits)."""
+  counts = jax.lax.population_count(bits).astype(jnp.int32)
+  rows = counts.reshape(1, -1) if bits.ndim < 2 else counts
+  row_counts = jnp.sum(rows, axis=-1).reshape(-1)
+  before_row = (jnp.cumsum(row_counts) - row_counts).reshape(rows.shape[:-1])
+  within = jnp.cumsum(rows, axis=-1) - rows  # a row of bytes is short: a plain prefix sum
+  return (before_row[..., None] + within).reshape(bits.shape)
+
+
+def index_of(mask: jax.Array, size_b: int) -> jax.Array:
+  """B's sorted flat indices (int32, `length` entries, padded with the leaf's size) from its
+  mask as stored (`topkast_jax.bitmask`: packed or bool).
+
+  From packed bits it works a byte at a time: a histogram of the slot at which each byte's
+  weights start (one scatter-add of a byte, not a weight, each) and its running sum give every
+  slot its byte, and a table gives the bit. Row counts, not the mask, cross
+  devices when it is sharded.
+  """
+  if mask.dtype != jnp.uint8:
+    return _index_of_bools(mask, size_b)
+  n_slots, size = length(size_b), bitmask.size(mask)
+
+  def find(bits):
+    before = _bits_before(bits)
+    # The byte of slot s is the last byte that starts at or before s: count them.
+    starts = jnp.zeros(n_slots, jnp.int32).at[before].add(1, mode='drop')
+    owner = _running_count(starts.reshape(1, -1)).reshape(-1) - 1
+    coords = _coordinates(owner, bits.shape)
+    rank = jnp.arange(n_slots, dtype=jnp.int32) - before.at[coords].get()
+    bit = jnp.asarray(_NTH_SET_BIT)[bits.at[coords].get().astype(jnp.int32), jnp.clip(rank, 0, 7)]
+    return jnp.where(jnp.arange(n_slots) < size_b, owner * 8 + bit, size)
+
+  spec = automatic_sharding.vector_spec(mask, n_slots)
+  return automatic_sharding.call(find, mask, spec, mask)
+
+
+def old_slots(mask: jax.Array, index: jax.Array) -> jax.Array:
+  """The slot in the old B (``mask`` as stored) of each weight at ``index``, -1 if it was not
+  in it (padding included)."""
+  if mask.dtype != jnp.uint8:
+    return _gather_leaf(_place_of_bools(mask), index, fill=-1)
+
+  def find(bits, index):
+    *lead, last = _coordinates(index, bitmask.shape(bits))
+    coords = (*lead, last // 8)
+    byte = bits.at[coords].get(mode='fill', fill_value=0)
+    bit = (last % 8).astype(jnp.uint8)
+    below = jax.lax.population_count(byte & ((jnp.uint8(1) << bit) - 1)).astype(jnp.int32)
+    rank = _bits_before(bits).at[coords].get(mode='fill', fill_value=0) + below
+    return jnp.where((byte >> bit) & 1 == 1, rank, -1)
+
+  spec = automatic_sharding.vector_spec(mask, index.shape[0])
+  return automatic_sharding.call(find, mask, spec, mask, index)
 
 
 def _gather_leaf(x, index, fill=0):
@@ -121,16 +187,16 @@ def scatter(vectors, index, like):
   )
 
 
-def move_state(inner, inner_state, old_place, new_index):
-  """The compact inner state moved from the slots of ``old_place`` (see `slots`) to those of
-  ``new_index``, per sparse leaf: a weight in both keeps its state, a new one gets zeros."""
-
-  def source(place, new):
-    if is_masked(place):
-      return None
-    return _gather_leaf(place, new, fill=-1)  # the old slot of each new one, -1 if none
-
-  sources = jax.tree.map(source, old_place, new_index, is_leaf=is_masked)
+def move_state(inner, inner_state, old_masks, new_index):
+  """The compact inner state moved from the slots of B as ``old_masks`` (as stored) held it to
+  those of ``new_index``, per sparse leaf: a weight in both keeps its state, a new one gets
+  zeros."""
+  sources = jax.tree.map(
+    lambda m, new: None if is_masked(m) else old_slots(m, new),
+    old_masks,
+    new_index,
+    is_leaf=is_masked,
+  )
 
   def move(s, source):
     if source is None or jnp.ndim(s) != 1:

@@ -68,15 +68,14 @@ def _where_not_dense(fn, params, *masks):
   return jax.tree.map(lambda p, m, *r: p if is_dense(m) else fn(p, m, *r), params, *masks)
 
 
-def _slots(backward, specs):
-  """B's (index, place) trees (`compact.slots`) from bool masks; MaskedNode at dense leaves."""
-  found = jax.tree.map(
-    lambda b, s: b if is_dense(s) else compact.slots(b, s.total_counts(b.shape)[1]),
-    backward,
+def _index(backward_bits, specs):
+  """B's sorted indices per sparse leaf (`compact.index_of`), from the stored masks."""
+  return jax.tree.map(
+    lambda b, s: b if is_dense(s) else compact.index_of(b, s.total_counts(bitmask.shape(b))[1]),
+    backward_bits,
     specs,
     is_leaf=is_dense,
   )
-  return _split(backward, found)
 
 
 def sparse_training(
@@ -114,7 +113,7 @@ def sparse_training(
     specs = leaf_specs(params)
     forward, backward = _split(params, _per_leaf(policy.init, params, specs))
     inner_params = (
-      compact.gather(params, _slots(backward, specs)[0]) if compact_inner_state else params
+      compact.gather(params, _index(_packed(backward), specs)) if compact_inner_state else params
     )
     return SparseState(
       count=jnp.zeros((), jnp.int32),
@@ -137,9 +136,8 @@ def sparse_training(
     specs = leaf_specs(params)
     forward_bits, backward_bits = matched_masks(params, state, specs)
     forward, backward = _unpacked(forward_bits), _unpacked(backward_bits)
-    place = None
     if compact_inner_state:  # the wrapped optimizer sees the vector of B's weights per leaf
-      index, place = _slots(backward, specs)
+      index = _index(backward_bits, specs)
       inner_params = compact.gather(params, index)
       # Every gathered weight is in B; kept as data (i >= 0), not a constant True, so that XLA
       # compiles the penalty's arithmetic as on the dense path and the two stay bit-identical.
@@ -205,7 +203,8 @@ def sparse_training(
 
     if policy.update is not None:  # the state of weights whose mask changed
       if compact_inner_state:
-        inner_state = compact.move_state(inner, inner_state, place, _slots(new_b, specs)[0])
+        new_index = _index(new_bits[1], specs)
+        inner_state = compact.move_state(inner, inner_state, backward_bits, new_index)
       elif reset_inner_state_on_exit or policy.zero_entering:
         reset = _where_not_dense(
           lambda new, old: new & ~old if policy.zero_entering else old & ~new, new_b, backward

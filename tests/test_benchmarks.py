@@ -1,0 +1,70 @@
+"""One short round of every benchmark script, so the figures the README quotes cannot rot: each
+runs end to end on the current code and prints the lines the README shows (ratios in range)."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(name, *args, devices=1) -> str:
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  )
+  done = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'benchmarks', name), *args],
+    check=True,
+    env=env,
+    timeout=900,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  return done.stdout
+
+
+def ratios(out: str, key: str) -> list[float]:
+  return [float(v) for v in re.findall(rf'{key}=([\d.]+)', out)]
+
+
+def test_step_overhead_one_round():
+  out = run('step_overhead.py', '--rounds=1', '--seconds=0.01', '--models=mlp')
+  assert re.search(r'ratio_every_1: mlp=[\d.]+', out), out
+  assert all(0.2 < r < 20 for r in ratios(out, 'ratio_vs_dense')), out
+
+
+def test_mask_refresh_one_round():
+  out = run('mask_refresh.py', '--repeats=1', '--argsort-repeats=1')
+  assert 'masks differ' not in out  # the script checks its masks against numpy first
+  assert len(ratios(out, 'ratio_vs_jnp_argsort')) == 1, out
+
+
+def test_sparse_export_one_round():
+  out = run('sparse_export.py', '--rounds=1', '--sparsities=0.95')
+  assert len(ratios(out, 'ratio_vs_dense')) == 1, out
+  assert 'loads back to alpha exactly' in out
+
+
+def test_state_memory_one_round(tmp_path):
+  out = run(
+    'state_memory.py',
+    '--time_models=mlp',
+    '--memory_models=resnet50',
+    '--rounds=1',
+    '--seconds=0.01',
+    f'--out_dir={tmp_path}',
+  )
+  assert re.search(r'\| resnet50 .* \| adam \| 0\.9 / 0\.8 \|', out), out
+  assert len(ratios(out, 'compact_vs_dense_state')) == 1, out
+  assert (tmp_path / 'state_memory.json').stat().st_size > 0
+
+
+def test_sharded_collectives_table():
+  out = run('sharded_collectives.py', devices=8)
+  for layout in ('fsdp', 'tensor_parallel'):
+    rows = [line for line in out.splitlines() if line.startswith(f'| {layout} |')]
+    assert len(rows) == 3, out  # dense adam, Top-KAST dense-state, Top-KAST compact
