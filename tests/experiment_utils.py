@@ -1,12 +1,16 @@
-"""Helpers for the driver tests: tiny configs and reading a workdir's last checkpoint."""
+"""Helpers for the driver tests (tiny configs, a workdir's last checkpoint) and for running
+the repository's scripts."""
 
 import importlib
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RESNET = dict(width=4)
 TINY_TXL = dict(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=8)
 
@@ -53,3 +57,23 @@ def assert_same(a, b, exact=True, rtol=1e-5):
       np.testing.assert_array_equal(x, y)
     else:
       np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6)
+
+
+def run_script(path: str, *args, devices: int = 1) -> str:
+  """stdout of ``python <repository>/<path> args`` on ``devices`` fake CPU devices (raises on
+  failure)."""
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  )
+  done = subprocess.run(
+    [sys.executable, os.path.join(ROOT, path), *args],
+    check=True,
+    env=env,
+    timeout=900,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  return done.stdout

@@ -3,28 +3,12 @@ runs end to end on the current code and prints the lines the README shows (ratio
 
 import os
 import re
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiment_utils import run_script
 
 
 def run(name, *args, devices=1) -> str:
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS='cpu',
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-  )
-  done = subprocess.run(
-    [sys.executable, os.path.join(ROOT, 'benchmarks', name), *args],
-    check=True,
-    env=env,
-    timeout=900,
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-  )
-  return done.stdout
+  return run_script(os.path.join('benchmarks', name), *args, devices=devices)
 
 
 def ratios(out: str, key: str) -> list[float]:

@@ -4,27 +4,15 @@ examples/sharded_step.py (an MLP) and examples/scanned_decoder.py (stacked layer
 import importlib.util
 import os
 import re
-import subprocess
-import sys
 
 import pytest
+from experiment_utils import run_script
 
 from topkast_jax.data.idx import DEBIAN_FASHION_MNIST_DIR
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def run_example(name, *args) -> str:
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  run = subprocess.run(
-    [sys.executable, os.path.join(ROOT, 'examples', name), *args],
-    check=True,
-    env=env,
-    timeout=600,
-    capture_output=True,
-    text=True,
-  )
-  return run.stdout
+  return run_script(os.path.join('examples', name), *args, devices=8)
 
 
 @pytest.mark.skipif(

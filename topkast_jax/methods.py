@@ -1,5 +1,5 @@
-"""Every method by name, with one set of keyword hyper-parameters: what the experiment driver,
-the study and the examples build their optimizers with."""
+"""Every method by name, with one set of keyword hyper-parameters: what the experiment driver
+and the study build their optimizers with."""
 
 import optax
 
