@@ -18,6 +18,7 @@ trained weights is fixed: static, SET and RigL.
 """
 
 import math
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -161,6 +162,13 @@ def _drop_and_grow(
   _check_common(method, inner, sparsity_level, distribution, seed)
   check_step_count('update_every', update_every, 1)
   check_step_count('end_step', end_step, 1)
+  if update_every > end_step:
+    warnings.warn(
+      f'{method}: update_every={update_every} > end_step={end_step}, so the mask never '
+      f'changes: this trains a static mask. Lower update_every or raise end_step.',
+      UserWarning,
+      stacklevel=3,
+    )
   fraction = _drop_fraction_schedule(drop_fraction, end_step)
   root = jax.random.key(seed)
 
@@ -255,7 +263,7 @@ def magnitude_pruning(
   _check_common('magnitude_pruning', inner, sparsity_level, distribution, 0)
   check_step_count('update_every', update_every, 1)
   check_step_count('begin_step', begin_step, 0)
-  check_step_count('end_step', end_step, begin_step)
+  check_step_count('end_step', end_step, max(begin_step, 1))  # updates count from 1
 
   def update_mask(i, count, weights, grad, mask, spec):
     size = math.prod(spec.layer_shape(mask.shape))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from topkast_jax import bitmask, compact, regularizer
-from topkast_jax.sparsity import is_dense
+from topkast_jax.sparsity import is_dense, path_name
 from topkast_jax.states import SparseState, matched_masks
 
 # init(leaf_id, param, spec) -> (A, B), bool masks shaped like param.
@@ -78,6 +78,23 @@ def _index(backward_bits, specs):
   )
 
 
+def _check_gradients(grads, params) -> None:
+  """Raises ValueError, naming the leaf, unless ``grads`` has the paths and shapes of ``params``."""
+  found = {path_name(p): jnp.shape(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+  wanted = {path_name(p): jnp.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  if found.keys() != wanted.keys():
+    missing, extra = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
+    raise ValueError(
+      f'the gradient tree does not match the params: missing {missing[:5]}, unexpected '
+      f'{extra[:5]}. Pass the gradient of the loss with respect to sparse_params(params, state).'
+    )
+  for name, shape in wanted.items():
+    if found[name] != shape:
+      raise ValueError(
+        f'the gradient at {name!r} has shape {found[name]}, the parameter has shape {shape}.'
+      )
+
+
 def sparse_training(
   inner: optax.GradientTransformation | None,
   policy: Policy,
@@ -94,6 +111,11 @@ def sparse_training(
   `topkast`. Weights outside B never move (in the wrapped form); masks change after the update,
   from the params after it.
   """
+  for name, value in [('reset_inner_state_on_exit', reset_inner_state_on_exit),
+                      ('compact_inner_state', compact_inner_state),
+                      ('track_mask_changes', track_mask_changes)]:  # fmt: skip
+    if not isinstance(value, bool):
+      raise ValueError(f'{name} must be True or False, got {value!r}.')
   wrapped = inner is not None
   inner = optax.with_extra_args_support(inner if wrapped else optax.identity())
 
@@ -135,6 +157,7 @@ def sparse_training(
       )
     specs = leaf_specs(params)
     forward_bits, backward_bits = matched_masks(params, state, specs)
+    _check_gradients(grads, params)
     forward, backward = _unpacked(forward_bits), _unpacked(backward_bits)
     if compact_inner_state:  # the wrapped optimizer sees the vector of B's weights per leaf
       index = _index(backward_bits, specs)

@@ -4,7 +4,8 @@ Resolution, per leaf of a parameter pytree (paths are keys joined by '/', for ex
 ``params/Conv_0/kernel``):
 
 1. ``sparsity=None``: every floating-point leaf with ndim >= 2 (kernels, embeddings) is sparse
-   at the global sparsities; vectors and scalars (biases, norm scales) are dense.
+   at the global sparsities; vectors and scalars (biases, norm scales) and empty leaves are
+   dense.
 2. ``sparsity`` a mapping ``{regex: value}``: the first regex (in mapping order) that
    ``re.search``-matches a path sets that leaf's value; other leaves follow rule 1. Every regex
    must match at least one leaf.
@@ -204,7 +205,8 @@ def _chosen_value(sparsity, patterns, name, leaf):
         f'parameter {name!r} of shape {jnp.shape(leaf)} is declared stacked over {axes} '
         'leading axes, which leaves no layer: give fewer axes, or mark it dense.'
       )
-  return (jnp.ndim(leaf) - axes >= 2) if value is None else value, axes
+  default = jnp.ndim(leaf) - axes >= 2 and jnp.size(leaf) > 0  # rule 1, per layer
+  return default if value is None else value, axes
 
 
 def resolve_sparsities(

@@ -28,6 +28,11 @@ def _check_static(update_every, exploration_l2):
     exploration_l2, (int, float, np.number, jax.Array, np.ndarray)
   ):
     raise ValueError(f'exploration_l2 must be a number or a scalar array, got {exploration_l2!r}.')
+  if np.ndim(exploration_l2) != 0:
+    raise ValueError(
+      f'exploration_l2 must be a scalar (one lambda for every sparse leaf), got an array of '
+      f'shape {np.shape(exploration_l2)}.'
+    )
   if isinstance(exploration_l2, (int, float, np.number)) and not 0 <= exploration_l2 < np.inf:
     raise ValueError(f'exploration_l2 must be finite and >= 0, got {exploration_l2}.')
 
