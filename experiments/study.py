@@ -219,17 +219,24 @@ def done(run: dict, runs: list[dict]) -> bool:
   return any(all(r[k] == v for k, v in run.items()) for r in runs)
 
 
-def finished_runs(settings: dict, todo: list[dict]) -> list[dict]:
-  """The planned runs already in ``out_dir/runs.json`` (UsageError if made with other flags)."""
+def saved_runs(settings: dict) -> list[dict]:
+  """Every run already in ``out_dir/runs.json``. A UsageError if there are some and the study
+  does not resume them, or they were made with other result flags: finished runs are never
+  dropped or mixed with runs of other settings."""
   path = os.path.join(settings['out_dir'], 'runs.json')
   if not os.path.exists(path):
     return []
   with open(path) as f:
     saved = json.load(f)
+  if not settings['resume']:
+    raise app.UsageError(
+      f'{path} already holds {len(saved["runs"])} finished runs: pass --resume to keep them '
+      'and train only what is missing, or choose another --out_dir.'
+    )
   differ = [k for k in RESULT_FLAGS if saved['flags'].get(k) != settings[k]]
   if differ:
     raise app.UsageError(f'--resume: {path} was made with other --{", --".join(differ)}.')
-  return [r for r in saved['runs'] if any(done(t, [r]) for t in todo)]
+  return saved['runs']
 
 
 def main(argv):
@@ -245,10 +252,15 @@ def main(argv):
   quiet_console(out_dir, verbose=flags.FLAGS.verbosity >= 1)
   batch_size = settings['batch_size'] or (128 if settings['task'] == 'images' else 16)
   task = TASKS[settings['task']](batch_size)
-  runs, todo, started = [], plan(settings), time.perf_counter()
+  todo, started = plan(settings), time.perf_counter()
+  saved = saved_runs(settings)
+  runs = [r for r in saved if any(done(t, [r]) for t in todo)]  # this plan's finished runs
+  kept = [r for r in saved if r not in runs]  # outside this plan: kept in runs.json and .csv
   if settings['resume']:
-    runs = finished_runs(settings, todo)
-    print(f'resuming: {len(runs)} of {len(todo)} runs already in {out_dir}/runs.json')
+    print(
+      f'resuming: {len(runs)} of {len(todo)} runs already in {out_dir}/runs.json'
+      + (f' ({len(kept)} more there, outside this plan, kept)' if kept else '')
+    )
   trained = 0
   for i, run in enumerate(todo, 1):
     if done(run, runs):
@@ -268,8 +280,8 @@ def main(argv):
       f'{result["measured_sparsity"]:.4f}; ETA {eta:.1f} min',
       flush=True,
     )
-    write_outputs(out_dir, settings, runs, task)  # after every run: a stopped study keeps it
-  table = write_outputs(out_dir, settings, runs, task)
+    write_outputs(out_dir, settings, runs, task, kept)  # after every run: a stop keeps it
+  table = write_outputs(out_dir, settings, runs, task, kept)
   print(markdown(table, task.metric))
   minutes = (time.perf_counter() - started) / 60
   print(f'{trained} runs trained in {minutes:.1f} min ({len(runs)} in the tables); wrote {out_dir}')

@@ -140,15 +140,17 @@ def plot_refresh(table: list[dict], metric: str, path: str) -> None:
                xlabel='refresh interval (steps)')  # fmt: skip
 
 
-def write_outputs(out_dir: str, settings: dict, runs: list[dict], task) -> list[dict]:
-  """Tables, runs (with the ``settings`` that made them) and plots of the runs so far, each
-  file replaced whole; returns the table."""
+def write_outputs(out_dir: str, settings: dict, runs: list[dict], task, kept=()) -> list[dict]:
+  """Tables and plots of ``runs``, and runs.json (with the ``settings`` that made them) and
+  runs.csv of ``runs`` and the ``kept`` runs of earlier plans, each file replaced whole;
+  returns the table."""
   table = summarise(runs, task.metric)
   out = lambda name: os.path.join(out_dir, name)  # noqa: E731
-  write_csv(out('runs.csv'), runs)
+  every = [*kept, *runs]
+  write_csv(out('runs.csv'), every)
   write_csv(out('table.csv'), table)
   with open(out('runs.json.tmp'), 'w') as f:
-    json.dump({'flags': settings, 'runs': runs}, f, indent=1, default=str)
+    json.dump({'flags': settings, 'runs': every}, f, indent=1, default=str)
   os.replace(out('runs.json.tmp'), out('runs.json'))
   with open(out('table.md.tmp'), 'w') as f:
     f.write(markdown(table, task.metric))

@@ -121,3 +121,26 @@ def test_tiny_methods_study_on_characters(tmp_path):
   assert float(topkast['train_flops']) == pytest.approx(train, rel=1e-6)
   assert float(dense['train_flops']) == 1.0
   assert (tmp_path / 'test_bpc_vs_sparsity.png').stat().st_size > 0
+
+
+@needs_fashion_mnist
+def test_finished_runs_are_never_dropped(tmp_path):
+  """A narrower plan with --resume reports from its subset but keeps every finished run; a new
+  study in a used out_dir refuses and says why."""
+  args = ['--epochs=0.02', '--sparsities=0.9', '--backward=0.8']
+  runs, _ = study(tmp_path, *args, '--methods=dense,static')
+  runs_again, table = study(tmp_path, *args, '--methods=static', '--resume')
+  assert runs_again == runs  # the dense run is still in runs.csv, and results are as they were
+  assert [r['method'] for r in table] == ['static']  # the table is this plan's
+  with open(tmp_path / 'runs.json') as f:
+    assert sorted(r['method'] for r in json.load(f)['runs']) == ['dense', 'static']
+  refused = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'experiments', 'study.py'), f'--out_dir={tmp_path}', *args],
+    env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert refused.returncode != 0
+  assert 'already holds 2 finished runs: pass --resume' in refused.stderr
+  assert (tmp_path / 'runs.csv').read_text().count('\n') == 3  # header and both runs, untouched
