@@ -215,3 +215,14 @@ def test_kill_9_during_training_then_resume(data_dir, tmp_path):
   assert 'resumed from step' in rerun.stdout
   results = json.loads((tmp_path / 'results.json').read_text())
   assert 0 < results['resumed_from_step'] < 40 and results['steps'] == 40
+
+
+def test_a_finished_run_run_again_keeps_its_results(data_dir, finished, tmp_path):
+  """The same command on a finished workdir reports the run as it was (history included), and
+  results.json is left byte for byte as it was."""
+  workdir = tmp_path / 'again'
+  shutil.copytree(finished('resnet_fashion_mnist'), workdir)
+  before = (workdir / 'results.json').read_bytes()
+  results = train_and_evaluate(run_config('resnet_fashion_mnist', data_dir), str(workdir))
+  assert (workdir / 'results.json').read_bytes() == before
+  assert results == json.loads(before) and len(results['history']) == 1

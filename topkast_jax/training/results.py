@@ -57,6 +57,22 @@ def summary(config, task, start: int, seconds: float, history, state, sparse: bo
   return results
 
 
+def finished_run(workdir: str, config, total_steps: int, restored) -> dict | None:
+  """The saved ``results.json`` when ``restored`` (the newest checkpoint, or None) is the end of
+  this very run and the file reports it; else None (the run trains or evaluates as usual)."""
+  path = os.path.join(workdir, 'results.json')
+  if restored is None or restored[0] != total_steps or not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None  # unreadable: evaluated and written again
+  as_saved = json.loads(json.dumps(config.to_dict()))  # tuples become lists, as in the file
+  same = saved.get('config') == as_saved and saved.get('steps') == total_steps
+  return saved if same else None
+
+
 def write_json(path: str, results: dict) -> None:
   """``path`` written atomically by process 0."""
   if jax.process_index() != 0:

@@ -59,6 +59,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     start, carry = 0, task.initial_carry()
     restored = checkpointer.restore(state, task.has_carry)
+    finished = results.finished_run(workdir, config, task.total_steps, restored)
+    if finished is not None:
+      if jax.process_index() == 0:
+        where = os.path.join(workdir, 'results.json')
+        print(f'[{config.method}] finished already: {where} as it was', flush=True)
+      return finished
     if restored is not None:
       start, state, saved_carry = restored
       carry = carry if saved_carry is None else task.carry_from_checkpoint(saved_carry)
