@@ -14,6 +14,7 @@ import pytest
 from experiment_utils import assert_same, last_checkpoint, tiny_config
 
 from topkast_jax.training import checkpoint as checkpoint_lib
+from topkast_jax.training import lock as lock_lib
 from topkast_jax.training import validation
 from topkast_jax.training.train import train_and_evaluate
 
@@ -226,3 +227,23 @@ def test_a_finished_run_run_again_keeps_its_results(data_dir, finished, tmp_path
   results = train_and_evaluate(run_config('resnet_fashion_mnist', data_dir), str(workdir))
   assert (workdir / 'results.json').read_bytes() == before
   assert results == json.loads(before) and len(results['history']) == 1
+
+
+def test_a_second_run_in_a_busy_workdir_refuses(data_dir, tmp_path):
+  """While one process trains in a workdir, another refuses at start, naming the workdir and
+  the process, before writing anything; the lock dies with its process (even by kill -9)."""
+  hold = 'import sys, time\nfrom topkast_jax.training.lock import workdir_lock\n'
+  hold += 'with workdir_lock(sys.argv[1]):\n  print("locked", flush=True)\n  time.sleep(120)\n'
+  holder = subprocess.Popen(
+    [sys.executable, '-c', hold, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+  )
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(lock_lib.WorkdirBusyError, match=rf'{tmp_path} is in use by another run \(process {holder.pid}\)'):  # fmt: skip
+      train_and_evaluate(run_config('resnet_fashion_mnist', data_dir), str(tmp_path))
+    assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'metrics.jsonl').exists()
+  finally:
+    holder.kill()  # SIGKILL: no clean-up runs in the holder
+    holder.wait()
+  with lock_lib.workdir_lock(str(tmp_path)):  # free again
+    pass

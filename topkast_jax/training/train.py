@@ -14,6 +14,7 @@ from topkast_jax.training import state as state_lib
 from topkast_jax.training.checkpoint import Checkpointer, run_identity
 from topkast_jax.training.classification import Classification
 from topkast_jax.training.language_modeling import LanguageModeling
+from topkast_jax.training.lock import workdir_lock
 from topkast_jax.training.logger import MetricLogger
 
 TASKS = {'image_classification': Classification, 'language_modeling': LanguageModeling}
@@ -36,8 +37,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   methods.check(config)
   devices = state_lib.local_devices(config)
   validation.check_layout(config, len(devices), jax.process_count())
-  if jax.process_index() == 0:
-    validation.check_workdir(workdir)
+  if jax.process_index() != 0:
+    return _train_and_evaluate(config, workdir, devices)
+  validation.check_workdir(workdir)
+  with workdir_lock(workdir):  # one run per workdir at a time
+    return _train_and_evaluate(config, workdir, devices)
+
+
+def _train_and_evaluate(config, workdir: str, devices) -> dict:
   task = TASKS[config.task](config, devices)
   variables = jax.jit(task.init_variables)(jax.random.key(config.seed))
   schedule = schedules.from_config(config, task.steps_per_epoch, task.total_steps)
