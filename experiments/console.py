@@ -6,7 +6,7 @@ import os
 import jax
 from absl import logging as absl_logging
 
-from topkast_jax.training.validation import check_workdir
+from topkast_jax.training.validation import check_writable
 
 
 def quiet_console(workdir: str, verbose: bool = False) -> str:
@@ -14,7 +14,7 @@ def quiet_console(workdir: str, verbose: bool = False) -> str:
   too when ``verbose``); progress and results are printed. Returns the log file's path."""
 
   absl_logging.get_absl_handler().setLevel(logging.INFO if verbose else logging.WARNING)
-  check_workdir(workdir)
+  check_writable(workdir)
   path = os.path.join(workdir, f'log_{jax.process_index()}.txt')  # starts the backends
   to_file = logging.FileHandler(path, encoding='utf-8')
   to_file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))

@@ -125,8 +125,9 @@ def test_unreadable_checkpoints_fall_back_then_stop(data_dir, finished, tmp_path
   workdir = copy_of(finished('resnet_fashion_mnist'), tmp_path)
   checkpoints = workdir / 'checkpoints'
   (checkpoints / '9').mkdir()  # an empty newest checkpoint, as after a failed copy
+  saved = json.loads((workdir / 'results.json').read_text())
   results = train_and_evaluate(run_config('resnet_fashion_mnist', data_dir), str(workdir))
-  assert results['resumed_from_step'] == 6
+  assert results == saved  # fell back to step 6, the end: the finished run, as it was
   assert (checkpoints / 'unreadable_9').is_dir() and not (checkpoints / '9').exists()
   assert any('checkpoints/9 cannot be restored' in r.getMessage() for r in caplog.records)
 
@@ -247,3 +248,25 @@ def test_a_second_run_in_a_busy_workdir_refuses(data_dir, tmp_path):
     holder.wait()
   with lock_lib.workdir_lock(str(tmp_path)):  # free again
     pass
+
+
+@pytest.mark.parametrize(
+  'planted',
+  [
+    {'checkpoints/1/model.pt': b'torch', 'checkpoints/2/weights.bin': b'\x00' * 8},
+    {'metrics.jsonl': b'{"step": 3, "my_loss": 0.5}\n{"step": 9, "my_loss": 0.4}\n'},
+    {'results.json': b'{"accuracy": 0.93}'},
+    {'notes.txt': b'my notes'},
+  ],
+  ids=['checkpoints', 'metrics', 'results', 'other'],
+)
+def test_a_workdir_holding_other_files_is_refused_untouched(planted, data_dir, tmp_path):
+  for name, data in planted.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(data)
+  before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*'))
+  with pytest.raises(ValueError, match='holds files this project did not write'):
+    train_and_evaluate(run_config('resnet_fashion_mnist', data_dir), str(tmp_path))
+  assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == before
+  for name, data in planted.items():
+    assert (tmp_path / name).read_bytes() == data

@@ -6,7 +6,9 @@ schedule read, so a missing or misspelt field is an error that names it.
 """
 
 import difflib
+import json
 import os
+import re
 import tempfile
 
 from topkast_jax.methods import METHODS
@@ -102,10 +104,79 @@ def check_layout(config, num_devices: int, process_count: int) -> None:
       )
 
 
-def check_workdir(workdir: str) -> None:
+def check_writable(workdir: str) -> None:
   """Creates ``workdir`` and proves it writable, before minutes of setup are spent."""
   try:
     os.makedirs(workdir, exist_ok=True)
     tempfile.TemporaryFile(dir=workdir).close()
   except OSError as e:
     raise ValueError(f'workdir {workdir!r} is not writable ({e}); pass another --workdir.') from e
+
+
+def check_workdir(workdir: str) -> None:
+  """`check_writable`, and refuses a run's workdir that holds files this project did not write
+  (nothing in it is then touched)."""
+  check_writable(workdir)
+  foreign = foreign_files(workdir)
+  if foreign:
+    shown = ', '.join(foreign[:8]) + (', ...' if len(foreign) > 8 else '')
+    raise ValueError(
+      f'workdir {workdir!r} holds files this project did not write ({shown}); nothing was '
+      'changed. Give the run an empty or new --workdir.'
+    )
+
+
+_OURS = re.compile(
+  r'checkpoints|tensorboard|metrics\.jsonl|results\.json|\.lock|log_\d+\.txt|.*\.tmp'
+)
+# What a save writes in a step's folder (the items of `checkpoint.Checkpointer` and orbax's).
+_CHECKPOINT_ITEMS = {'state', 'run', 'carry', '_CHECKPOINT_METADATA', 'commit_success.txt'}
+_ROW_KEY = re.compile(r'(train|eval|sparsity)/.+')
+
+
+def _our_rows(path: str) -> bool:
+  """Whether every row of a metrics.jsonl is one the logger writes (a torn last line, from a
+  crash mid-write, counts as ours: it is dropped on resume)."""
+  with open(path, encoding='utf-8', errors='replace') as f:
+    rows = f.read().split('\n')
+  for row in rows[:-1]:
+    try:
+      values = json.loads(row)
+    except ValueError:
+      return False
+    if not isinstance(values, dict) or not isinstance(values.get('step'), int):
+      return False
+    if not all(_ROW_KEY.fullmatch(k) for k in values if k != 'step'):
+      return False
+  return True
+
+
+def _our_results(path: str) -> bool:
+  try:
+    with open(path, encoding='utf-8') as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(results, dict) and {'task', 'method', 'config'} <= results.keys()
+
+
+def foreign_files(workdir: str) -> list[str]:
+  """What in ``workdir`` this project did not write: names it never uses, checkpoint folders
+  holding other files than a save writes, metrics rows and results of another shape."""
+  foreign = [n for n in sorted(os.listdir(workdir)) if not _OURS.fullmatch(n)]
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(checkpoints):
+    for name in sorted(os.listdir(checkpoints)):
+      path = os.path.join(checkpoints, name)
+      ours = re.fullmatch(r'unreadable_\d+_*|\d+\.orbax-checkpoint-tmp.*', name) or (
+        name.isdigit() and os.path.isdir(path) and set(os.listdir(path)) <= _CHECKPOINT_ITEMS
+      )
+      if not ours:
+        foreign.append(f'checkpoints/{name}')
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.isfile(metrics) and not _our_rows(metrics):
+    foreign.append('metrics.jsonl (rows the logger does not write)')
+  results = os.path.join(workdir, 'results.json')
+  if os.path.isfile(results) and not _our_results(results):
+    foreign.append('results.json (not a run summary)')
+  return foreign
