@@ -20,6 +20,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.console import quiet_console  # noqa: E402
+from topkast_jax.atomic import atomic_file  # noqa: E402
 from topkast_jax.training.train import train_and_evaluate  # noqa: E402
 
 matplotlib.use('Agg')
@@ -62,7 +63,7 @@ def main(argv):
     config.method = method
     results[method] = train_and_evaluate(config, os.path.join(_WORKDIR.value, method))
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, 'results.json'), 'w', encoding='utf-8') as f:
+  with atomic_file(os.path.join(_WORKDIR.value, 'results.json'), encoding='utf-8') as f:
     json.dump(results, f, indent=2)
   s = _CONFIG.value.sparsity
   plot(

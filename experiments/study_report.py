@@ -10,6 +10,8 @@ import os
 import matplotlib
 import numpy as np
 
+from topkast_jax.atomic import atomic_file
+
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -33,11 +35,10 @@ def summarise(runs: list[dict], metric: str) -> list[dict]:
 
 def write_csv(path: str, rows: list[dict]) -> None:
   fields = list(dict.fromkeys(k for r in rows for k in r if k != 'history'))
-  with open(path + '.tmp', 'w', newline='') as f:
+  with atomic_file(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fields, extrasaction='ignore')
     writer.writeheader()
     writer.writerows(rows)
-  os.replace(path + '.tmp', path)
 
 
 def markdown(table: list[dict], metric: str) -> str:
@@ -149,12 +150,10 @@ def write_outputs(out_dir: str, settings: dict, runs: list[dict], task, kept=())
   every = [*kept, *runs]
   write_csv(out('runs.csv'), every)
   write_csv(out('table.csv'), table)
-  with open(out('runs.json.tmp'), 'w') as f:
+  with atomic_file(out('runs.json')) as f:
     json.dump({'flags': settings, 'runs': every}, f, indent=1, default=str)
-  os.replace(out('runs.json.tmp'), out('runs.json'))
-  with open(out('table.md.tmp'), 'w') as f:
+  with atomic_file(out('table.md')) as f:
     f.write(markdown(table, task.metric))
-  os.replace(out('table.md.tmp'), out('table.md'))
   if settings['study'] == 'refresh':
     plot_refresh(table, task.metric, out('refresh_interval.png'))
   else:

@@ -7,14 +7,13 @@ same as a flat ``{path: numpy array}`` dict (flat int32 indices, values and shap
 leaf), which ``numpy.savez`` and orbax save as is; `save_npz` and `load_npz` do that.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
 from topkast_jax import bitmask
+from topkast_jax.atomic import atomic_file
 from topkast_jax.sparsity import path_name
 from topkast_jax.states import find_sparse_state, is_masked, matched_masks
 
@@ -103,9 +102,8 @@ def from_arrays(arrays, like=None):
 
 def save_npz(path: str, params, opt_state) -> None:
   """Writes the sparse export of ``params`` to ``path`` (.npz), atomically."""
-  with open(path + '.tmp', 'wb') as f:
+  with atomic_file(path, 'wb') as f:
     np.savez(f, **to_arrays(export_sparse(params, opt_state)))
-  os.replace(path + '.tmp', path)
 
 
 def load_npz(path: str, like=None):

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from topkast_jax.atomic import atomic_file
+
 
 def _format_seconds(seconds: float) -> str:
   hours, rest = divmod(int(seconds), 3600)
@@ -22,9 +24,8 @@ def _drop_rows_after(path: str, step: int) -> None:
     rows = f.readlines()
   kept = [r for r in rows if r.endswith('\n') and json.loads(r)['step'] <= step]
   if len(kept) < len(rows):
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    with atomic_file(path, encoding='utf-8') as f:
       f.writelines(kept)
-    os.replace(path + '.tmp', path)
 
 
 class MetricLogger:

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 import topkast_jax
+from topkast_jax.atomic import atomic_file
 
 
 def forward_sparsity(params, opt_state, sparse: bool) -> dict:
@@ -78,6 +79,5 @@ def write_json(path: str, results: dict) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+  with atomic_file(path, encoding='utf-8') as f:
     json.dump(results, f, indent=2)
-  os.replace(path + '.tmp', path)
