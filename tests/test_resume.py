@@ -270,3 +270,25 @@ def test_a_workdir_holding_other_files_is_refused_untouched(planted, data_dir, t
   assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == before
   for name, data in planted.items():
     assert (tmp_path / name).read_bytes() == data
+
+
+def test_a_bit_flipped_in_checkpoint_data_is_caught_and_falls_back(
+  data_dir, finished, tmp_path, caplog
+):
+  """One bit flipped in the newest checkpoint's largest array chunk: the restored bytes miss
+  their checksum, the checkpoint is set aside, and the run resumes from the one before,
+  ending bit for bit as the unbroken run."""
+  workdir = copy_of(finished('resnet_fashion_mnist'), tmp_path)
+  (workdir / 'results.json').unlink()  # as if the run had stopped right after its last save
+  chunks = [p for p in (workdir / 'checkpoints' / '6' / 'state').rglob('d/*') if p.is_file()]
+  largest = max(chunks, key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  largest.write_bytes(bytes(data))
+  results = train_and_evaluate(run_config('resnet_fashion_mnist', data_dir), str(workdir))
+  assert results['resumed_from_step'] == 3
+  assert (workdir / 'checkpoints' / 'unreadable_6').is_dir()
+  warning = next(r.getMessage() for r in caplog.records if 'cannot be restored' in r.getMessage())
+  assert 'CorruptCheckpointError' in warning, warning
+  straight = last_checkpoint(finished('resnet_fashion_mnist'), ('state',))
+  assert_same(straight, last_checkpoint(str(workdir), ('state',)))

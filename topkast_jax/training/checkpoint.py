@@ -1,12 +1,18 @@
-"""Orbax checkpoints of the train state, the task's carry and the run's identity (the config
-less the fields a resume may change). Restoring refuses another run's checkpoint and moves an
-unreadable one aside (``unreadable_<step>``, with a warning) for the newest that restores."""
+"""Orbax checkpoints of the train state, the task's carry, the run's identity (the config
+less the fields a resume may change) and a CRC-32 of every array. Restoring refuses another
+run's checkpoint and moves an unreadable one aside (``unreadable_<step>``, with a warning) for
+the newest that restores; an array whose bytes differ from their checksum makes a checkpoint
+unreadable (orbax checks its metadata, not the array chunks)."""
 
 import logging
 import os
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from topkast_jax.sparsity import path_name
 
 # Fields a resumed run may change: how long, how often, where from, on how many devices.
 RESUMABLE = set(
@@ -27,6 +33,18 @@ def run_identity(config) -> dict:
         yield f'{prefix}{k}', list(v) if isinstance(v, tuple) else v
 
   return dict(flat(config.to_dict()))
+
+
+def checksums(tree) -> dict:
+  """``{path: CRC-32 of the array's bytes}`` of every leaf of ``tree``."""
+  return {
+    path_name(p): zlib.crc32(np.ascontiguousarray(jax.device_get(x)).tobytes())
+    for p, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+class CorruptCheckpointError(ValueError):
+  """A restored array's bytes differ from the checksum saved with it."""
 
 
 class RunMismatchError(ValueError):
@@ -60,7 +78,12 @@ class Checkpointer:
     """Saves at ``step`` (process 0) and waits, so a saved step is complete on disk."""
     if not self._writer:
       return
-    items = dict(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(self.run))
+    saved = {'state': state} if carry is None else {'state': state, 'carry': carry}
+    items = dict(
+      state=ocp.args.StandardSave(state),
+      run=ocp.args.JsonSave(self.run),
+      checksums=ocp.args.JsonSave(checksums(saved)),
+    )
     if carry is not None:
       items['carry'] = ocp.args.StandardSave(carry)
     self._manager.save(int(step), args=ocp.args.Composite(**items))
@@ -79,6 +102,21 @@ class Checkpointer:
         f'with the same settings, or start afresh with another --workdir (or remove {self.directory}).'
       )
 
+  def _verify(self, step: int, restored: dict) -> None:
+    """CorruptCheckpointError unless every restored array matches its saved checksum (a
+    checkpoint saved before checksums were written is taken as it is)."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), 'checksums')):
+      logging.warning(f'checkpoint {step} in {self.directory} has no checksums: not verified.')
+      return
+    args = ocp.args.Composite(checksums=ocp.args.JsonRestore())
+    saved = self._manager.restore(step, args=args)['checksums']
+    found = checksums(restored)
+    differ = [k for k in found if saved.get(k) != found[k]]
+    if differ or saved.keys() != found.keys():
+      raise CorruptCheckpointError(
+        f'arrays whose bytes differ from their checksum: {(differ or sorted(saved.keys() ^ found.keys()))[:5]}'
+      )
+
   def restore(self, state_template, with_carry: bool):
     """``(step, state, carry)`` of the newest checkpoint that restores, or None without one;
     RunMismatchError for another run's checkpoints, RuntimeError if none restores."""
@@ -91,6 +129,7 @@ class Checkpointer:
         if with_carry:
           items['carry'] = ocp.args.StandardRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        self._verify(step, {k: restored[k] for k in ('state', 'carry') if k in items})
         return step, restored['state'], restored['carry'] if with_carry else None
       except RunMismatchError:
         raise

@@ -130,7 +130,14 @@ _OURS = re.compile(
   r'checkpoints|tensorboard|metrics\.jsonl|results\.json|\.lock|log_\d+\.txt|.*\.tmp'
 )
 # What a save writes in a step's folder (the items of `checkpoint.Checkpointer` and orbax's).
-_CHECKPOINT_ITEMS = {'state', 'run', 'carry', '_CHECKPOINT_METADATA', 'commit_success.txt'}
+_CHECKPOINT_ITEMS = {
+  'state',
+  'run',
+  'carry',
+  'checksums',
+  '_CHECKPOINT_METADATA',
+  'commit_success.txt',
+}
 _ROW_KEY = re.compile(r'(train|eval|sparsity)/.+')
 
 
