@@ -109,3 +109,20 @@ def test_export_bad_input():
   arrays = export.to_arrays(export.export_sparse(params, state))
   with pytest.raises(ValueError, match="no parameter at \\['extra/kernel'\\]"):
     export.from_arrays(arrays, like={**params, 'extra': {'kernel': jnp.ones((2, 2))}})
+
+
+def test_export_refuses_keys_that_would_lose_a_leaf_and_damaged_files(tmp_path):
+  """Keys with '@', or two paths that name one key, are refused instead of one leaf silently
+  overwriting the other; a file with valid CRCs but damaged indices or other shapes than
+  ``like`` is refused when loaded."""
+  tx = topkast_jax.topkast(optax.sgd(0.1), forward_sparsity=0.5, backward_sparsity=0.5)
+  for params in ({'a@values': jnp.ones((4, 4))}, {'a/b': jnp.ones((4, 4)), 'a': {'b': jnp.ones((4, 4))}}):  # fmt: skip
+    with pytest.raises(ValueError, match='would lose one of them'):
+      export.save_npz(str(tmp_path / 'x.npz'), params, tx.init(params))
+  params = {'w': jnp.arange(1.0, 17.0).reshape(4, 4)}
+  arrays = export.to_arrays(export.export_sparse(params, tx.init(params)))
+  for bad in (np.array([-1, 3, 5, 7, 9, 11, 13, 15]), np.array([8, 9, 9, 11, 12, 13, 14, 15])):
+    with pytest.raises(ValueError, match="export of 'w' is damaged"):
+      export.from_arrays({**arrays, 'w@indices': bad.astype(np.int32)})
+  with pytest.raises(ValueError, match=r"'w' has shape \(4, 4\), `like` has \(2, 8\)"):
+    export.from_arrays(arrays, like={'w': jnp.zeros((2, 8))})

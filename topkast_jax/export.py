@@ -61,6 +61,11 @@ def to_arrays(exported) -> dict[str, np.ndarray]:
   arrays = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(exported, is_leaf=_is_bcoo)[0]:
     name = path_name(path)
+    if '@' in name or name in arrays or any(k.startswith(f'{name}@') for k in arrays):
+      raise ValueError(
+        f'cannot export the parameter at {name!r}: its key path contains "@" or "/" inside a '
+        'key, or names another parameter too, and the file would lose one of them. Rename it.'
+      )
     if _is_bcoo(leaf):
       flat = np.ravel_multi_index(tuple(np.asarray(leaf.indices).T), leaf.shape)
       arrays[f'{name}@values'] = np.asarray(leaf.data)
@@ -81,14 +86,29 @@ def from_arrays(arrays, like=None):
       if not part:
         dense[base] = np.asarray(arrays[name])
         continue
-      leaf = np.zeros(tuple(arrays[f'{base}@shape']), arrays[name].dtype)
-      leaf.flat[arrays[f'{base}@indices']] = arrays[name]
+      shape, index = tuple(arrays[f'{base}@shape']), np.asarray(arrays[f'{base}@indices'])
+      size = int(np.prod(shape))
+      if index.shape != arrays[name].shape or (
+        index.size and (index[0] < 0 or index[-1] >= size or np.any(np.diff(index) <= 0))
+      ):
+        raise ValueError(
+          f'the export of {base!r} is damaged: its indices must be one per value, increasing '
+          f'and in [0, {size}) for shape {shape}.'
+        )
+      leaf = np.zeros(shape, arrays[name].dtype)
+      leaf.flat[index] = arrays[name]
       dense[base] = leaf
   if like is not None:
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
     missing = [path_name(p) for p, _ in paths if path_name(p) not in dense]
     if missing:
       raise ValueError(f'the exported arrays hold no parameter at {missing[:5]}.')
+    for p, x in paths:
+      if tuple(np.shape(x)) != dense[path_name(p)].shape:
+        raise ValueError(
+          f'the exported {path_name(p)!r} has shape {dense[path_name(p)].shape}, `like` has '
+          f'{tuple(np.shape(x))}.'
+        )
     return treedef.unflatten([dense[path_name(p)] for p, _ in paths])
   tree = {}
   for name, leaf in dense.items():
