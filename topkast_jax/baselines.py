@@ -162,6 +162,7 @@ def _drop_and_grow(
   _check_common(method, inner, sparsity_level, distribution, seed)
   check_step_count('update_every', update_every, 1)
   check_step_count('end_step', end_step, 1)
+  fraction = _drop_fraction_schedule(drop_fraction, end_step)
   if update_every > end_step:
     warnings.warn(
       f'{method}: update_every={update_every} > end_step={end_step}, so the mask never '
@@ -169,7 +170,6 @@ def _drop_and_grow(
       UserWarning,
       stacklevel=3,
     )
-  fraction = _drop_fraction_schedule(drop_fraction, end_step)
   root = jax.random.key(seed)
 
   def update_mask(i, count, weights, grad, mask, spec):
