@@ -113,12 +113,14 @@ def test_resume_refuses_a_different_run(field, value, data_dir, finished, tmp_pa
   assert repr(value) in str(e.value) and 'another --workdir' in str(e.value)
 
 
-def test_resume_may_extend_a_run(data_dir, finished, tmp_path):
+def test_resume_may_extend_a_run(data_dir, finished, tmp_path, caplog):
   workdir = copy_of(finished('resnet_fashion_mnist'), tmp_path)
   config = run_config('resnet_fashion_mnist', data_dir)
   config.num_train_steps, config.log_every_steps = 7, 2  # resumable fields
   results = train_and_evaluate(config, str(workdir))
   assert results['resumed_from_step'] == 6 and results['steps'] == 7
+  # The schedule is a function of the total: its change is said, not silent.
+  assert any('saved with 6 steps in all, now 7' in r.getMessage() for r in caplog.records)
 
 
 def test_unreadable_checkpoints_fall_back_then_stop(data_dir, finished, tmp_path, caplog):

@@ -58,9 +58,10 @@ class Checkpointer:
   barrier is a device all-gather, which hangs over CPU collectives).
   """
 
-  def __init__(self, directory: str, max_to_keep: int, run: dict):
+  def __init__(self, directory: str, max_to_keep: int, run: dict, total_steps: int = 0):
     me = jax.process_index()
     self.directory, self.run, self._writer = os.path.abspath(directory), run, me == 0
+    self.total_steps = total_steps  # saved with each step: a resume says if it changed
     if self._writer:
       os.makedirs(self.directory, exist_ok=True)
     self._manager = ocp.CheckpointManager(
@@ -83,6 +84,7 @@ class Checkpointer:
       state=ocp.args.StandardSave(state),
       run=ocp.args.JsonSave(self.run),
       checksums=ocp.args.JsonSave(checksums(saved)),
+      schedule=ocp.args.JsonSave({'total_steps': self.total_steps}),
     )
     if carry is not None:
       items['carry'] = ocp.args.StandardSave(carry)
@@ -117,6 +119,20 @@ class Checkpointer:
         f'arrays whose bytes differ from their checksum: {(differ or sorted(saved.keys() ^ found.keys()))[:5]}'
       )
 
+  def _warn_if_stretched(self, step: int) -> None:
+    """Warns when a run resumes mid-way with another total of steps than it was saved with:
+    schedules are functions of the total, so the learning rate changes from here on."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), 'schedule')):
+      return
+    args = ocp.args.Composite(schedule=ocp.args.JsonRestore())
+    saved = self._manager.restore(step, args=args)['schedule']['total_steps']
+    if saved != self.total_steps and step < self.total_steps:
+      logging.warning(
+        f'resuming step {step} of a run saved with {saved} steps in all, now '
+        f'{self.total_steps}: the learning-rate schedule, stretched to the new total, changes '
+        'from this step on.'
+      )
+
   def restore(self, state_template, with_carry: bool):
     """``(step, state, carry)`` of the newest checkpoint that restores, or None without one;
     RunMismatchError for another run's checkpoints, RuntimeError if none restores."""
@@ -130,6 +146,7 @@ class Checkpointer:
           items['carry'] = ocp.args.StandardRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         self._verify(step, {k: restored[k] for k in ('state', 'carry') if k in items})
+        self._warn_if_stretched(step)
         return step, restored['state'], restored['carry'] if with_carry else None
       except RunMismatchError:
         raise

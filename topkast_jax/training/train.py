@@ -61,7 +61,10 @@ def _train_and_evaluate(config, workdir: str, devices) -> dict:
     )
   )
   checkpointer = Checkpointer(
-    os.path.join(workdir, 'checkpoints'), config.max_checkpoints, run_identity(config)
+    os.path.join(workdir, 'checkpoints'),
+    config.max_checkpoints,
+    run_identity(config),
+    total_steps=task.total_steps,
   )
   try:
     start, carry = 0, task.initial_carry()

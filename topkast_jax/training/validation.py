@@ -134,6 +134,7 @@ _CHECKPOINT_ITEMS = {
   'state',
   'run',
   'carry',
+  'schedule',
   'checksums',
   '_CHECKPOINT_METADATA',
   'commit_success.txt',
