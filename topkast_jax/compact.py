@@ -3,9 +3,9 @@
 Each sparse leaf is seen by the wrapped optimizer as a vector of its |B| weights in flat
 (C-order) index order, padded to `length` (at most 1/64 more) so that it shards evenly over
 up to 1024 devices; padding slots hold the index ``size`` (past the leaf), read as zeros and
-never written. `index_of` finds B's indices from its mask as stored, `gather` takes B's weights out of a leaf,
-`scatter` puts updates back, and `move_state` carries the state of weights that stay in B to
-their new slots at a refresh (new ones start at zero).
+never written. `index_of` finds B's indices from its mask as stored, `gather` takes B's
+weights out of a leaf, `scatter` puts updates back, and `move_state` carries the state of
+weights that stay in B to their new slots at a refresh (new ones start at zero).
 """
 
 import jax

@@ -1,8 +1,8 @@
 """The optimizer states of the sparse methods, and the sparse view of params they give.
 
 Every method keeps its forward and backward masks in one state type, `SparseState` (bits,
-like each sparse leaf; ``optax.MaskedNode()`` at dense leaves). `sparse_params` reads it from whichever state
-an optimizer holds, so one train step serves Top-KAST and every baseline.
+like each sparse leaf; ``optax.MaskedNode()`` at dense leaves). `sparse_params` reads it from
+whichever state an optimizer holds, so one train step serves Top-KAST and every baseline.
 """
 
 from typing import Any, NamedTuple
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from topkast_jax import bitmask
+from topkast_jax.sparsity import is_dense as is_masked  # noqa: F401 (the name callers use)
 from topkast_jax.sparsity import path_name
 
 
@@ -34,10 +35,6 @@ class SparseState(NamedTuple):
   forward_change: optax.Params | None
   penalty: optax.Params  # float32 scalar per sparse leaf: exploration penalty at the last update
   inner_state: optax.OptState  # the wrapped optimizer's state (EmptyState without one)
-
-
-def is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
 
 
 def unpack_masks(masks):
