@@ -69,3 +69,19 @@ def test_erk_with_an_empty_leaf_keeps_the_budget_of_the_others():
     specs[k].counts(int(np.prod(params[k].shape)))[0] for k in ('a', 'b') if not is_dense(specs[k])
   )
   assert kept == pytest.approx(0.1 * (64 * 64 + 256 * 128), rel=1e-3)  # not the whole model dense
+
+
+def test_a_compact_state_from_another_sparsity_is_refused():
+  def make(backward):
+    return topkast(
+      optax.adam(1e-3), forward_sparsity=0.9, backward_sparsity=backward, compact_inner_state=True
+    )
+
+  params = {'w': jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32)}
+  state = make(0.8).init(params)
+  make(0.8).update(params, state, params)  # its own settings: fine
+  with pytest.raises(ValueError, match='made with another sparsity.*Re-run tx.init'):
+    make(0.5).update(params, state, params)
+  dense_state = topkast(optax.adam(1e-3), forward_sparsity=0.9, backward_sparsity=0.8).init(params)
+  with pytest.raises(ValueError, match='does not have the shapes these settings need'):
+    make(0.8).update(params, dense_state, params)

@@ -95,6 +95,21 @@ def _check_gradients(grads, params) -> None:
       )
 
 
+def _check_state_fits(state, inner, inner_params) -> None:
+  """Raises ValueError unless the wrapped optimizer's state has the shapes ``inner.init`` gives
+  here (a compact state's vectors have B's size, so a state made with another sparsity fails).
+  """
+  expected = jax.eval_shape(inner.init, inner_params)
+  # Shapes in leaf order: containers may differ (Flax NNX wraps the state's arrays).
+  if [jnp.shape(x) for x in jax.tree.leaves(state.inner_state)] != [
+    x.shape for x in jax.tree.leaves(expected)
+  ]:
+    raise ValueError(
+      'the wrapped optimizer state does not have the shapes these settings need (was it made '
+      'with another sparsity, method or compact_inner_state?). Re-run tx.init(params).'
+    )
+
+
 def sparse_training(
   inner: optax.GradientTransformation | None,
   policy: Policy,
@@ -173,12 +188,14 @@ def sparse_training(
         specs,
         policy.exploration_l2,
       )
+      _check_state_fits(state, inner, inner_params)
       updates, inner_state = inner.update(restricted, state.inner_state, inner_params, **extra_args)
       updates = compact.scatter(updates, index, params)
     else:
       restricted, penalty = regularizer.restrict_and_regularise(
         grads, params, forward, backward, specs, policy.exploration_l2
       )
+      _check_state_fits(state, inner, params)
       updates, inner_state = inner.update(restricted, state.inner_state, params, **extra_args)
       if wrapped:
         updates = _where_not_dense(
