@@ -2,8 +2,13 @@
 
 All three methods compute, for every kernel (ndim >= 2), the exact top-k masks at forward
 sparsity 0.9 (A) and backward sparsity 0.8 (B) from the same float32 arrays, and each is
-checked against the others. Prints median wall times and, last, the ratio of topkast_jax's
-time to numpy's argpartition time, measured in the same run.
+checked against the others. Prints median wall times and the ratio of topkast_jax's time to
+numpy's argpartition time, measured in the same run.
+
+Then the steady state of training: the refresh that starts from the last refresh's thresholds
+(`topk.refreshed_masks`, what Top-KAST runs every step), after every weight moved by
+``--move`` times its kernel's scale, against the floor: one fused compare-and-count pass of
+``|theta| >= t`` over the same kernels. Both in ns per weight, and their ratio.
 
   python benchmarks/mask_refresh.py [--repeats 5] [--argsort-repeats 2]
 """
@@ -16,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from topkast_jax.topk import topk_masks
+from topkast_jax.topk import magnitude_keys, refreshed_masks, topk_masks
 
 FORWARD_DENSITY = 0.1
 BACKWARD_DENSITY = 0.2
@@ -79,20 +84,57 @@ def topkast_topk(kernels):
   return {name: topk_masks(x, counts(x.size)) for name, x in kernels.items()}
 
 
-def median_seconds(fn, arg, repeats):
-  jax.block_until_ready(fn(arg))  # compile and warm up
+@jax.jit
+def refresh_from(kernels, thresholds):
+  return {
+    name: refreshed_masks(magnitude_keys(x), counts(x.size), thresholds[name])
+    for name, x in kernels.items()
+  }
+
+
+@jax.jit
+def one_pass(kernels):
+  """The floor: one compare-and-count pass over each kernel."""
+  return {name: jnp.sum(jnp.abs(x) >= 0.05, dtype=jnp.int32) for name, x in kernels.items()}
+
+
+def median_seconds(fn, *args, repeats):
+  jax.block_until_ready(fn(*args))  # compile and warm up
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(arg))
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def steady_state(kernels_np, move, repeats, rng):
+  """Times the refresh from the last thresholds after two small moves of every weight."""
+  moves = [
+    rng.standard_normal(x.shape).astype(np.float32) * move * 0.05 for x in kernels_np.values()
+  ]
+  before = {n: x - 2 * m for (n, x), m in zip(kernels_np.items(), moves)}
+  last = {n: x - m for (n, x), m in zip(kernels_np.items(), moves)}
+  thresholds = {n: refreshed_masks(magnitude_keys(x), counts(x.size))[1] for n, x in before.items()}
+  thresholds = {n: v[1] for n, v in refresh_from(last, thresholds).items()}
+  found = jax.device_get(refresh_from(kernels_np, thresholds))
+  reference = numpy_argpartition(kernels_np)
+  for name in kernels_np:
+    for mine, theirs in zip(found[name][0], reference[name]):
+      if not np.array_equal(mine, theirs):
+        raise AssertionError(f'refreshed masks differ from argpartition on {name}')
+  kernels = jax.device_put(kernels_np)
+  return (
+    median_seconds(refresh_from, kernels, thresholds, repeats=repeats),
+    median_seconds(one_pass, kernels, repeats=repeats),
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--argsort-repeats', type=int, default=2)
+  parser.add_argument('--move', type=float, default=1e-3, help='per refresh, times the scale')
   args = parser.parse_args()
 
   rng = np.random.default_rng(0)
@@ -116,14 +158,21 @@ def main():
       if not np.array_equal(mine, theirs):
         raise AssertionError(f'masks differ from argpartition on {name}')
 
-  t_ours = median_seconds(topkast_topk, kernels_jax, args.repeats)
-  t_numpy = median_seconds(numpy_argpartition, kernels_np, args.repeats)
-  t_sort = median_seconds(jnp_argsort, kernels_jax, args.argsort_repeats)
+  t_ours = median_seconds(topkast_topk, kernels_jax, repeats=args.repeats)
+  t_numpy = median_seconds(numpy_argpartition, kernels_np, repeats=args.repeats)
+  t_sort = median_seconds(jnp_argsort, kernels_jax, repeats=args.argsort_repeats)
   print(f'topkast_jax top-k       median {t_ours * 1e3:9.1f} ms')
   print(f'numpy argpartition      median {t_numpy * 1e3:9.1f} ms')
   print(f'jnp.argsort             median {t_sort * 1e3:9.1f} ms')
   print(f'ratio_vs_jnp_argsort={t_ours / t_sort:.3f}')
   print(f'ratio_vs_numpy_argpartition={t_ours / t_numpy:.3f}')
+
+  t_refresh, t_pass = steady_state(kernels_np, args.move, args.repeats, rng)
+  per_weight = lambda t: t / sparse * 1e9  # noqa: E731
+  print(f'steady state, every weight moved by {args.move:g} x scale since the last refresh:')
+  print(f'refresh from the last thresholds   {per_weight(t_refresh):6.3f} ns/weight')
+  print(f'one compare-and-count pass         {per_weight(t_pass):6.3f} ns/weight')
+  print(f'ratio_refresh_vs_one_pass={t_refresh / t_pass:.3f}')
 
 
 if __name__ == '__main__':

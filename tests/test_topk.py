@@ -1,4 +1,5 @@
-"""Exact top-k masks: counts, ties, nesting, dtypes, and both search methods."""
+"""Exact top-k masks: counts, ties, nesting, dtypes, both search methods, and the refresh that
+searches from the last thresholds."""
 
 import chex
 import jax
@@ -6,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from topkast_jax.topk import kth_largest_keys, magnitude_keys, topk_mask, topk_masks
+from topkast_jax import topk
+from topkast_jax.topk import (
+  kth_largest_keys,
+  magnitude_keys,
+  refreshed_masks,
+  top_keys_masks,
+  topk_mask,
+  topk_masks,
+)
 
 
 def reference_mask(x, k):
@@ -89,3 +98,63 @@ def test_bad_input():
     kth_largest_keys(
       jnp.ones(4, jnp.uint64) if jax.config.x64_enabled else jnp.ones(4, jnp.uint16), [1], 'radix'
     )
+
+
+def drifting(values, shape, steps, seed):
+  """Arrays of ``values`` kind that move a little each step, with one jump (a permutation)."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape).astype(np.float32)
+  for step in range(steps):
+    if values == 'rounded':
+      yield np.round(x * 4) / 4  # heavy ties, straddling the thresholds
+    elif values == 'with_zeros':
+      yield np.where(rng.random(shape) < 0.9, 0.0, x).astype(np.float32)
+    elif values == 'with_nan':
+      yield np.where(rng.random(shape) < 0.01, np.nan, x).astype(np.float32)
+    else:
+      yield x
+    x = x + 0.003 * rng.standard_normal(shape).astype(np.float32)
+    if step == steps // 2:
+      x = rng.permutation(x.ravel()).reshape(shape)  # far from the last thresholds
+
+
+@pytest.mark.parametrize('values', ['normal', 'rounded', 'with_zeros', 'with_nan'])
+@pytest.mark.parametrize('max_probes', [1, 16])
+def test_refreshed_masks_equal_a_full_search_at_every_step(values, max_probes):
+  shape, ks = (3, 48, 40), [0, 192, 384, 1920]  # three stacked layers; k = 0 and k = layer size
+  refresh = jax.jit(
+    lambda keys, last: refreshed_masks(keys, ks, last, layer_axes=1, max_probes=max_probes)
+  )
+  thresholds = None
+  for x in drifting(values, shape, 12, seed=len(values)):
+    keys = magnitude_keys(jnp.asarray(x))
+    if thresholds is None:
+      masks, thresholds = refreshed_masks(keys, ks, layer_axes=1)
+    else:
+      masks, thresholds = refresh(keys, thresholds)
+    chex.assert_shape(thresholds, (3, 2, len(ks)))
+    for k, mask in zip(ks, masks):
+      for layer in range(3):
+        x_layer = np.where(np.isnan(x[layer]), np.inf, x[layer])  # NaN ranks as the largest
+        np.testing.assert_array_equal(np.asarray(mask[layer]), reference_mask(x_layer, k))
+    chex.assert_trees_all_equal(masks, top_keys_masks(keys, ks, layer_axes=1))
+
+
+def test_a_small_move_settles_in_a_few_probes_at_the_exact_threshold():
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((256, 64)).astype(np.float32)
+  moved = x + 1e-3 * rng.standard_normal(x.shape).astype(np.float32)
+  k = 1638
+  last = kth_largest_keys(magnitude_keys(jnp.asarray(x)), [k])[0][0]
+  keys = magnitude_keys(jnp.asarray(moved))
+  threshold, at_or_above, settled, _ = topk._search_from(keys, k, last, last, max_probes=8)
+  assert bool(settled)
+  assert int(at_or_above) == k  # a threshold with exactly k keys at or above it ...
+  assert int(np.sum(np.asarray(keys) >= int(threshold))) == k  # ... which it counted right
+  _, _, settled_in_one, _ = topk._search_from(keys, k, last, last, max_probes=1)
+  assert not bool(settled_in_one)  # the weights moved: one probe at the old threshold is not enough
+
+
+def test_refreshed_masks_bad_counts():
+  with pytest.raises(ValueError, match=r'top-k counts must be in \[0, 6\]'):
+    refreshed_masks(magnitude_keys(jnp.ones((2, 3))), [7])

@@ -34,6 +34,10 @@ class Policy(NamedTuple):
   due: Callable[[jax.Array], jax.Array] | None = None  # count -> bool; None: every update
   exploration_l2: float | jax.Array = 0.0  # Top-KAST's penalty (`topkast_jax.regularizer`)
   zero_entering: bool = False  # a weight entering B lands on exactly zero, with zero state
+  # True: init returns (A, B, thresholds) and update takes the last thresholds as a last
+  # argument and returns (A, B, thresholds), kept in the state between mask changes (Top-KAST:
+  # its searches start there, `topk.refreshed_masks`).
+  thresholds: bool = False
 
 
 def _per_leaf(fn, params, specs, *trees):
@@ -49,10 +53,10 @@ def _per_leaf(fn, params, specs, *trees):
   )
 
 
-def _split(params, pairs):
-  """Two trees from a tree of pairs (``MaskedNode()`` at dense leaves stays in both)."""
+def _split(params, tuples, n=2):
+  """``n`` trees from a tree of n-tuples (``MaskedNode()`` at dense leaves stays in each)."""
   pick = lambda j: lambda _, r: r if is_dense(r) else r[j]  # noqa: E731
-  return jax.tree.map(pick(0), params, pairs), jax.tree.map(pick(1), params, pairs)
+  return tuple(jax.tree.map(pick(j), params, tuples) for j in range(n))
 
 
 def _packed(masks):
@@ -148,7 +152,9 @@ def sparse_training(
 
   def init_fn(params):
     specs = leaf_specs(params)
-    forward, backward = _split(params, _per_leaf(policy.init, params, specs))
+    forward, backward, *thresholds = _split(
+      params, _per_leaf(policy.init, params, specs), 3 if policy.thresholds else 2
+    )
     inner_params = (
       compact.gather(params, _index(_packed(backward), specs)) if compact_inner_state else params
     )
@@ -162,6 +168,7 @@ def sparse_training(
         jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward) if track_mask_changes else None
       ),
       penalty=jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward),
+      thresholds=thresholds[0] if thresholds else None,
       inner_state=inner.init(inner_params),
     )
 
@@ -209,31 +216,30 @@ def sparse_training(
     after = optax.apply_updates(params, updates) if wrapped else params
 
     def change():
+      last = (state.thresholds,) if policy.thresholds else ()
       new = _per_leaf(
-        lambda i, p, s, g, a, b: policy.update(i, count, p, g, a, b, s),
+        lambda i, p, s, g, a, b, *t: policy.update(i, count, p, g, a, b, s, *t),
         after,
         specs,
         grads,
         forward,
         backward,
+        *last,
       )
-      new_a, new_b = _split(params, new)
+      new_a, new_b, *thresholds = _split(params, new, 3 if policy.thresholds else 2)
       tracking = state.ever_in_c, state.entered_from_c, state.forward_change
       if track_mask_changes:
         tracking = tracked(forward, new_a, new_b, state.ever_in_c, state.entered_from_c)
-      return new_a, new_b, tracking
+      return new_a, new_b, (*tracking, thresholds[0] if thresholds else None)
 
+    kept = state.ever_in_c, state.entered_from_c, state.forward_change, state.thresholds
     if policy.update is None:  # masks never change (static)
-      new_bits, new_b = (forward_bits, backward_bits), backward
-      tracking = state.ever_in_c, state.entered_from_c, state.forward_change
+      new_bits, new_b, tracking = (forward_bits, backward_bits), backward, kept
     elif policy.due is None:
       new_a, new_b, tracking = change()
       new_bits = _packed(new_a), _packed(new_b)
     else:
-      keep = (
-        (forward_bits, backward_bits),
-        (state.ever_in_c, state.entered_from_c, state.forward_change),
-      )
+      keep = (forward_bits, backward_bits), kept
       new_bits, tracking = jax.lax.cond(
         policy.due(count),
         lambda: (lambda a, b, t: ((_packed(a), _packed(b)), t))(*change()),
@@ -261,7 +267,9 @@ def sparse_training(
       if policy.zero_entering:  # weights entering B land on zero: p + (-p) == 0 exactly
         entering = _where_not_dense(lambda new, old: new & ~old, new_b, backward)
         updates = _where_not_dense(lambda u, e, p: jnp.where(e, -p, u), updates, entering, params)
-    seen, entered, changed = tracking
-    return updates, SparseState(count, *new_bits, seen, entered, changed, penalty, inner_state)
+    seen, entered, changed, thresholds = tracking
+    return updates, SparseState(
+      count, *new_bits, seen, entered, changed, penalty, thresholds, inner_state
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

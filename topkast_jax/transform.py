@@ -19,7 +19,7 @@ from topkast_jax.sparsity import (
   check_step_count,
   resolve_sparsities,
 )
-from topkast_jax.topk import topk_masks
+from topkast_jax.topk import magnitude_keys, refreshed_masks
 
 
 def _check_static(update_every, exploration_l2):
@@ -62,9 +62,14 @@ def warn_if_stale(forward_sparsity: float, backward_sparsity: float, update_ever
     )
 
 
-def _top_masks(x, spec):
-  """(A, B) of one leaf: the top |A| and |B| of |x| in each of its layers."""
-  return topk_masks(x, spec.layer_counts(x.shape), layer_axes=spec.layer_axes)
+def _top_masks(x, spec, thresholds=None):
+  """(A, B, thresholds) of one leaf: the top |A| and |B| of |x| in each of its layers, searched
+  from the last refresh's thresholds (`topk.refreshed_masks`)."""
+  counts = spec.layer_counts(x.shape)
+  masks, thresholds = refreshed_masks(
+    magnitude_keys(x), counts, thresholds, layer_axes=spec.layer_axes
+  )
+  return (*masks, thresholds)
 
 
 def topkast(
@@ -141,9 +146,10 @@ def topkast(
 
   policy = engine.Policy(
     init=lambda i, x, spec: _top_masks(x, spec),
-    update=lambda i, count, after, grad, a, b, spec: _top_masks(after, spec),
+    update=lambda i, count, after, grad, a, b, spec, last: _top_masks(after, spec, last),
     due=None if update_every == 1 else lambda count: count % update_every == 0,
     exploration_l2=exploration_l2,
+    thresholds=True,
   )
   return engine.sparse_training(
     inner,
