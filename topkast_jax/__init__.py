@@ -5,6 +5,7 @@ from topkast_jax import methods
 from topkast_jax.baselines import magnitude_pruning, rigl, set_sparse, static_sparse, ste
 from topkast_jax.engine import Policy, sparse_training
 from topkast_jax.metrics import sparsity_metrics
+from topkast_jax.regularizer import exploration_penalty
 from topkast_jax.sparsity import LeafSparsity, Stacked, path_name, resolve_sparsities, stacked
 from topkast_jax.states import (
   SparseState,
@@ -23,6 +24,7 @@ __all__ = [
   'Policy',
   'SparseState',
   'Stacked',
+  'exploration_penalty',
   'find_sparse_state',
   'magnitude_pruning',
   'methods',

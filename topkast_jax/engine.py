@@ -167,7 +167,6 @@ def sparse_training(
       forward_change=(
         jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward) if track_mask_changes else None
       ),
-      penalty=jax.tree.map(lambda _: jnp.zeros((), jnp.float32), forward),
       thresholds=thresholds[0] if thresholds else None,
       inner_state=inner.init(inner_params),
     )
@@ -185,9 +184,9 @@ def sparse_training(
       index = _index(backward_bits, specs)
       inner_params = compact.gather(params, index)
       # Every gathered weight is in B; kept as data (i >= 0), not a constant True, so that XLA
-      # compiles the penalty's arithmetic as on the dense path and the two stay bit-identical.
+      # compiles the penalty gradient's arithmetic as on the dense path (bit-identical).
       in_b = jax.tree.map(lambda i: i if is_dense(i) else i >= 0, index, is_leaf=is_dense)
-      restricted, penalty = regularizer.restrict_and_regularise(
+      restricted = regularizer.restrict_and_regularise(
         compact.gather(grads, index),
         inner_params,
         compact.gather_masks(forward_bits, index),
@@ -199,7 +198,7 @@ def sparse_training(
       updates, inner_state = inner.update(restricted, state.inner_state, inner_params, **extra_args)
       updates = compact.scatter(updates, index, params)
     else:
-      restricted, penalty = regularizer.restrict_and_regularise(
+      restricted = regularizer.restrict_and_regularise(
         grads, params, forward, backward, specs, policy.exploration_l2
       )
       _check_state_fits(state, inner, params)
@@ -268,8 +267,6 @@ def sparse_training(
         entering = _where_not_dense(lambda new, old: new & ~old, new_b, backward)
         updates = _where_not_dense(lambda u, e, p: jnp.where(e, -p, u), updates, entering, params)
     seen, entered, changed, thresholds = tracking
-    return updates, SparseState(
-      count, *new_bits, seen, entered, changed, penalty, thresholds, inner_state
-    )
+    return updates, SparseState(count, *new_bits, seen, entered, changed, thresholds, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

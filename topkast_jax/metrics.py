@@ -1,4 +1,4 @@
-"""Cheap diagnostics of any sparse method's state: densities, mask dynamics, penalty."""
+"""Cheap diagnostics of any sparse method's state: densities and mask dynamics."""
 
 import jax
 import jax.numpy as jnp
@@ -12,17 +12,17 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
   """Scalar metrics of the sparse-method state found inside ``opt_state`` (any method).
 
   Overall keys (weighted by leaf size over the sparse leaves): ``forward_density`` (share of
-  weights in use), ``backward_density`` (|B| / n; the forward density for the baselines),
-  ``penalty`` (Top-KAST's exploration penalty at the last update, summed; 0 for the others)
-  and ``sparse_weights`` (n). With ``track_mask_changes=True`` (every method takes it) also
+  weights in use), ``backward_density`` (|B| / n; the forward density for the baselines) and
+  ``sparse_weights`` (n). With ``track_mask_changes=True`` (every method takes it) also
   ``forward_change`` (share of the mask new at its last change; zero for static masks and for
   magnitude pruning, which only removes) and ``entered_from_c`` (share of weights that ever
   moved from C into A; the paper's Fig. 3). With ``per_leaf``, the same per sparse leaf as
-  ``<path>/<name>``. All reductions over masks (bit counts): cheap to log every step.
+  ``<path>/<name>``. All reductions over masks (bit counts): cheap to log every step. Top-KAST's
+  penalty is `topkast_jax.exploration_penalty`.
   """
   state = find_sparse_state(opt_state)
   tracked = state.forward_change is not None  # None without track_mask_changes
-  fields = ['backward_mask', 'penalty'] + (['forward_change', 'entered_from_c'] if tracked else [])
+  fields = ['backward_mask'] + (['forward_change', 'entered_from_c'] if tracked else [])
   columns = {f: jax.tree_util.tree_leaves(getattr(state, f), is_leaf=is_masked) for f in fields}
   named = jax.tree_util.tree_flatten_with_path(state.forward_mask, is_leaf=is_masked)[0]
   out, totals, size = {}, {}, 0
@@ -32,10 +32,9 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
     leaf = {f: column[i] for f, column in columns.items()}
     n, count = bitmask.size(a), bitmask.count(a).astype(jnp.float32)
     # (numerator, denominator): a leaf's value is their ratio, the overall value the ratio of
-    # their sums (a denominator of 0 makes a plain sum: the penalty).
+    # their sums.
     parts = {'forward_density': (count, n)}
     parts['backward_density'] = (bitmask.count(leaf['backward_mask']).astype(jnp.float32), n)
-    parts['penalty'] = (leaf['penalty'], 0)
     if tracked:
       parts['forward_change'] = (leaf['forward_change'] * count, count)
       parts['entered_from_c'] = (jnp.sum(leaf['entered_from_c'], dtype=jnp.float32), n)

@@ -7,13 +7,14 @@ outside A down harder, so A keeps exploring.
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from topkast_jax.sparsity import is_dense
+from topkast_jax import bitmask
+from topkast_jax.sparsity import is_dense, path_name
+from topkast_jax.states import find_sparse_state, matched_masks
 
 
 def restrict_and_regularise(grads, params, forward_mask, backward_mask, specs, exploration_l2):
-  """Gradient on B plus the penalty's gradient, and the per-leaf penalty value.
+  """The gradient on B plus the penalty's gradient; dense leaves' gradients pass unchanged.
 
   Args:
     grads: gradient with respect to the sparse parameters alpha.
@@ -21,27 +22,44 @@ def restrict_and_regularise(grads, params, forward_mask, backward_mask, specs, e
     forward_mask, backward_mask: A and B (bool), with ``optax.MaskedNode()`` at dense leaves.
     specs: a `LeafSparsity` per sparse leaf, ``optax.MaskedNode()`` at dense ones.
     exploration_l2: lambda (a Python number or a scalar array).
-
-  Returns:
-    ``(grads, penalty)``: dense leaves' gradients pass unchanged; ``penalty`` holds a float32
-    scalar per sparse leaf and ``optax.MaskedNode()`` at dense ones.
   """
   no_penalty = isinstance(exploration_l2, (int, float)) and exploration_l2 == 0
 
   def leaf(g, p, a, b, spec):
     if is_dense(spec):
-      return g, optax.MaskedNode()
+      return g
     if no_penalty:
-      return jnp.where(b, g, jnp.zeros_like(g)), jnp.zeros((), jnp.float32)
+      return jnp.where(b, g, jnp.zeros_like(g))
     # One select chain per leaf (A, then B \\ A, then C) so XLA fuses it into a single pass.
     lam_a = jnp.asarray(exploration_l2, jnp.float32)
-    lam_b = lam_a / spec.forward_density
     p32 = p.astype(jnp.float32)
-    weighted = jnp.where(a, lam_a * p32, jnp.where(b, lam_b * p32, 0.0))
-    restricted = jnp.where(b, g + weighted.astype(g.dtype), jnp.zeros_like(g))
-    return restricted, 0.5 * jnp.sum(weighted * jnp.where(b, p32, 0.0))
+    weighted = jnp.where(a, lam_a * p32, jnp.where(b, lam_a / spec.forward_density * p32, 0.0))
+    return jnp.where(b, g + weighted.astype(g.dtype), jnp.zeros_like(g))
 
-  pairs = jax.tree.map(leaf, grads, params, forward_mask, backward_mask, specs)
-  return jax.tree.map(lambda _, r: r[0], grads, pairs), jax.tree.map(
-    lambda _, r: r[1], grads, pairs
-  )
+  return jax.tree.map(leaf, grads, params, forward_mask, backward_mask, specs)
+
+
+def exploration_penalty(params, opt_state, exploration_l2, per_leaf: bool = False):
+  """R(params) with the masks in ``opt_state`` (those the next update uses), summed over the
+  sparse leaves (float32), or per leaf as ``{path: value}``.
+
+  Not computed inside the step: that reduction over every sparse weight cost 14% of the step of
+  `benchmarks/step_overhead.py`'s MLP on CPU; compute it when you log it. D is each leaf's
+  |A| / n, the forward density up to the rounding of |A|.
+  """
+  forward, backward = matched_masks(params, find_sparse_state(opt_state))
+  lam = jnp.asarray(exploration_l2, jnp.float32)
+  values = {}
+  for (path, p), a, b in zip(
+    jax.tree_util.tree_leaves_with_path(params),
+    jax.tree_util.tree_leaves(forward, is_leaf=is_dense),
+    jax.tree_util.tree_leaves(backward, is_leaf=is_dense),
+  ):
+    if is_dense(a):
+      continue
+    density = bitmask.count(a).astype(jnp.float32) / bitmask.size(a)
+    in_a, in_b = bitmask.unpack(a), bitmask.unpack(b)
+    scale = jnp.where(in_a, 1.0, jnp.where(in_b, 1.0 / density, 0.0))
+    square = jnp.where(in_b, jnp.square(p.astype(jnp.float32)), 0.0)  # C never counts (inf there)
+    values[path_name(path)] = 0.5 * lam * jnp.sum(scale * square)
+  return values if per_leaf else sum(values.values(), jnp.zeros((), jnp.float32))

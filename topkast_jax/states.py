@@ -33,7 +33,6 @@ class SparseState(NamedTuple):
   ever_in_c: optax.Params | None
   entered_from_c: optax.Params | None
   forward_change: optax.Params | None
-  penalty: optax.Params  # float32 scalar per sparse leaf: exploration penalty at the last update
   # Top-KAST (else None): uint32 per sparse leaf, [*layer axes, 2, 2]: A's and B's thresholds
   # found at the last mask change and the one before, where the next search starts.
   thresholds: optax.Params | None
