@@ -1,6 +1,7 @@
 """One short round of every benchmark script, so the figures the README quotes cannot rot: each
 runs end to end on the current code and prints the lines the README shows (ratios in range)."""
 
+import json
 import os
 import re
 
@@ -53,3 +54,18 @@ def test_sharded_collectives_table():
   for layout in ('fsdp', 'tensor_parallel'):
     rows = [line for line in out.splitlines() if line.startswith(f'| {layout} |')]
     assert len(rows) == 3, out  # dense adam, Top-KAST dense-state, Top-KAST compact
+
+
+def test_step_memory_table(tmp_path):
+  out = run(
+    'step_memory.py', '--models=mlp', '--methods=topkast,topkast_compact', f'--out_dir={tmp_path}'
+  )
+  rows = json.loads((tmp_path / 'step_memory.json').read_text())['mlp']
+  assert set(rows) == {'dense', 'topkast', 'topkast_compact'}, out
+  for name, row in rows.items():
+    assert f'| {name} | ' in out
+    parts = row['arguments_mib'] + row['temporaries_mib'] + row['outputs_mib'] - row['aliased_mib']
+    assert row['peak_mib'] == parts
+    assert row['arguments_mib'] >= row['params_and_state_mib'] > 0  # the batch comes on top
+  # The compact state holds Adam's moments for |B| = 20% of the sparse weights only.
+  assert rows['topkast_compact']['params_and_state_mib'] < rows['topkast']['params_and_state_mib']

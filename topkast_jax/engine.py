@@ -139,13 +139,11 @@ def sparse_training(
   inner = optax.with_extra_args_support(inner if wrapped else optax.identity())
 
   def tracked(old_a, new_a, new_b, seen, entered):
-    change = _where_not_dense(
-      lambda n, o: (
-        jnp.sum(n & ~o, dtype=jnp.float32) / jnp.maximum(jnp.sum(n, dtype=jnp.float32), 1.0)
-      ),
-      new_a,
-      old_a,
-    )
+    def share_new(n, o):  # counted from packed bits: a sum of bools does not vectorise on CPU
+      count = lambda m: bitmask.count(bitmask.pack(m)).astype(jnp.float32)  # noqa: E731
+      return count(n & ~o) / jnp.maximum(count(n), 1.0)
+
+    change = _where_not_dense(share_new, new_a, old_a)
     entered = jax.tree.map(lambda e, c, a: e | (c & a), entered, seen, new_a)
     seen = jax.tree.map(lambda c, b: c | ~b, seen, new_b)
     return seen, entered, change
