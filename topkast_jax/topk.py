@@ -203,10 +203,10 @@ def _search_from(keys, k, last, before, max_probes):
   thresholds of the last two searches (``last``, ``before``).
 
   The first probe extrapolates the threshold's last move; each probe counts the keys at or
-  above it. Until the answer is bracketed the step grows eightfold away from the probe; then the next
-  probe interpolates the counts at the bracket's ends (bisecting after two probes that shrank
-  it by less than half). Returns ``(threshold, count_at_or_above, settled, probes)``; unsettled after
-  ``max_probes`` probes.
+  above it. Until the answer is bracketed the step grows eightfold away from the probe; then
+  the next probe interpolates the counts at the bracket's ends (bisecting after two probes
+  that shrank it by less than half). Returns ``(threshold, count_at_or_above, settled,
+  probes)``; unsettled after ``max_probes`` probes.
   """
   top = jnp.uint32(_TOP)
   move = last.astype(jnp.int32) - before.astype(jnp.int32)  # both below 2^31: no overflow
@@ -293,7 +293,7 @@ def refreshed_masks(keys: jax.Array, ks, thresholds=None, *, layer_axes=0, max_p
   def search(keys, *previous):
     layers = keys.shape[:layer_axes]
     if not searched:
-      found = at_or_above = jnp.zeros((*layers, 0), jnp.uint32)
+      found, at_or_above = jnp.zeros((*layers, 0), jnp.uint32), jnp.zeros((*layers, 0), jnp.int32)
     elif previous:
       last, before = (previous[0][..., i, searched] for i in (0, 1))
       found, at_or_above, settled = near(keys, last, before)
