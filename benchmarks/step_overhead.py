@@ -165,6 +165,47 @@ def median_seconds(fn, rounds, n):
   return statistics.median(times)
 
 
+def refresh_per_weight(step, params, state, batch, sparse_kwargs, rounds, n):
+  """Prints the refresh on its own per sparse weight, the next step's from the last thresholds
+  (``params`` and ``state`` after the timed rounds, so weights move as in training), next to the
+  floor: one fused compare-and-count pass over the same leaves."""
+  after, _ = step(params, state, batch)
+  specs = topkast_jax.resolve_sparsities(
+    params,
+    sparse_kwargs['forward_sparsity'],
+    sparse_kwargs['backward_sparsity'],
+    sparse_kwargs.get('sparsity'),
+  )
+  sparse = [
+    (x, t, spec)
+    for x, t, spec in zip(
+      jax.tree.leaves(after),
+      jax.tree.leaves(state.thresholds, is_leaf=is_dense),
+      jax.tree.leaves(specs, is_leaf=is_dense),
+    )
+    if not is_dense(spec)
+  ]
+  refresh = jax.jit(
+    lambda ts: [
+      refreshed_masks(magnitude_keys(x), s.layer_counts(x.shape), t, layer_axes=s.layer_axes)
+      for (x, _, s), t in zip(sparse, ts)
+    ]
+  )
+  xs, ts = [x for x, _, _ in sparse], [t for _, t, _ in sparse]
+  one_pass = jax.jit(lambda xs: [jnp.sum(jnp.abs(x) >= 0.01, dtype=jnp.int32) for x in xs])
+  seconds = {
+    'refresh': median_seconds(lambda: refresh(ts), rounds, n),
+    'one_pass': median_seconds(lambda: one_pass(xs), rounds, n),
+  }
+  weights = sum(x.size for x in xs)
+  per_weight = {k: v / weights * 1e9 for k, v in seconds.items()}
+  print(
+    f'  refresh {per_weight["refresh"]:.3f} ns/weight, one compare-and-count pass '
+    f'{per_weight["one_pass"]:.3f} ns/weight over the {weights:,} sparse weights: '
+    f'ratio_refresh_vs_one_pass={seconds["refresh"] / seconds["one_pass"]:.3f}'
+  )
+
+
 def benchmark(name, loss_fn, params, batch, optimizer, sparse_kwargs, rounds, seconds):
   steps = make_steps(loss_fn, params, optimizer, sparse_kwargs)
   carry = {k: (params, s) for k, (_, s) in steps.items()}
@@ -183,45 +224,8 @@ def benchmark(name, loss_fn, params, batch, optimizer, sparse_kwargs, rounds, se
   for k, ts in times.items():
     median = statistics.median(ts)
     print(f'  {k:18s} {median * 1e3:9.3f} ms/step  ratio_vs_dense={median / dense:.3f}')
-  # The refresh on its own, per sparse weight: the next step's, from the last thresholds (after
-  # the rounds above, so the weights move as they do in training), next to the floor, one fused
-  # compare-and-count pass over the same leaves.
-  step, _ = steps['topkast_every_1']
-  p, state = carry['topkast_every_1']
-  after, _ = step(p, state, batch)
-  specs = topkast_jax.resolve_sparsities(
-    params,
-    sparse_kwargs['forward_sparsity'],
-    sparse_kwargs['backward_sparsity'],
-    sparse_kwargs.get('sparsity'),
-  )
-  leaves = [
-    (x, t, spec)
-    for x, t, spec in zip(
-      jax.tree.leaves(after),
-      jax.tree.leaves(state.thresholds, is_leaf=is_dense),
-      jax.tree.leaves(specs, is_leaf=is_dense),
-    )
-    if not is_dense(spec)
-  ]
-  refresh = jax.jit(
-    lambda xs, ts: [
-      refreshed_masks(magnitude_keys(x), s.layer_counts(x.shape), t, layer_axes=s.layer_axes)
-      for x, t, s in zip(xs, ts, [spec for _, _, spec in leaves])
-    ]
-  )
-  one_pass = jax.jit(lambda xs: [jnp.sum(jnp.abs(x) >= 0.01, dtype=jnp.int32) for x in xs])
-  xs, ts = [x for x, _, _ in leaves], [t for _, t, _ in leaves]
-  seconds = {
-    'refresh': median_seconds(lambda: refresh(xs, ts), rounds, n),
-    'one_pass': median_seconds(lambda: one_pass(xs), rounds, n),
-  }
-  weights = sum(x.size for x in xs)
-  per_weight = {k: v / weights * 1e9 for k, v in seconds.items()}
-  print(
-    f'  refresh {per_weight["refresh"]:.3f} ns/weight, one compare-and-count pass '
-    f'{per_weight["one_pass"]:.3f} ns/weight over the {weights:,} sparse weights: '
-    f'ratio_refresh_vs_one_pass={seconds["refresh"] / seconds["one_pass"]:.3f}'
+  refresh_per_weight(
+    steps['topkast_every_1'][0], *carry['topkast_every_1'], batch, sparse_kwargs, rounds, n
   )
   return {k: statistics.median(ts) / dense for k, ts in times.items()}
 

@@ -139,11 +139,11 @@ def sparse_training(
   inner = optax.with_extra_args_support(inner if wrapped else optax.identity())
 
   def tracked(old_a, new_a, new_b, seen, entered):
-    def share_new(n, o):  # counted from packed bits: a sum of bools does not vectorise on CPU
-      count = lambda m: bitmask.count(bitmask.pack(m)).astype(jnp.float32)  # noqa: E731
-      return count(n & ~o) / jnp.maximum(count(n), 1.0)
-
-    change = _where_not_dense(share_new, new_a, old_a)
+    change = _where_not_dense(
+      lambda n, o: bitmask.count(n & ~o) / jnp.maximum(bitmask.count(n), 1).astype(jnp.float32),
+      new_a,
+      old_a,
+    )
     entered = jax.tree.map(lambda e, c, a: e | (c & a), entered, seen, new_a)
     seen = jax.tree.map(lambda c, b: c | ~b, seen, new_b)
     return seen, entered, change
@@ -181,6 +181,7 @@ def sparse_training(
     if compact_inner_state:  # the wrapped optimizer sees the vector of B's weights per leaf
       index = _index(backward_bits, specs)
       inner_params = compact.gather(params, index)
+      _check_state_fits(state, inner, inner_params)
       # Every gathered weight is in B; kept as data (i >= 0), not a constant True, so that XLA
       # compiles the penalty gradient's arithmetic as on the dense path (bit-identical).
       in_b = jax.tree.map(lambda i: i if is_dense(i) else i >= 0, index, is_leaf=is_dense)
@@ -192,7 +193,6 @@ def sparse_training(
         specs,
         policy.exploration_l2,
       )
-      _check_state_fits(state, inner, inner_params)
       updates, inner_state = inner.update(restricted, state.inner_state, inner_params, **extra_args)
       updates = compact.scatter(updates, index, params)
     else:

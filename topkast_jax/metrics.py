@@ -37,7 +37,7 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
     parts['backward_density'] = (bitmask.count(leaf['backward_mask']).astype(jnp.float32), n)
     if tracked:
       parts['forward_change'] = (leaf['forward_change'] * count, count)
-      parts['entered_from_c'] = (jnp.sum(leaf['entered_from_c'], dtype=jnp.float32), n)
+      parts['entered_from_c'] = (bitmask.count(leaf['entered_from_c']).astype(jnp.float32), n)
     for key, (num, den) in parts.items():
       if per_leaf:
         out[f'{path_name(path)}/{key}'] = num / jnp.maximum(den, 1)

@@ -180,19 +180,12 @@ def _mask_at_threshold(keys, threshold, count_at_or_above, k):
 
   def with_straddling_ties():
     at = keys == threshold
-    above = count_at_or_above - bitmask.count(bitmask.pack(at))
+    above = count_at_or_above - bitmask.count(at)
     end = _index_after_nth_true(at, k - above)
     return (keys > threshold) | (at & (flat_index(keys.shape) < end))
 
   # Only when ties cross the cut do positions matter.
   return jax.lax.cond(count_at_or_above == k, without_straddling_ties, with_straddling_ties)
-
-
-def _count_at_or_above(keys, threshold):
-  """``count(keys >= threshold)`` through packed bits: on XLA's CPU backend a compare-and-sum
-  does not vectorise, a compare-and-pack then a popcount does (0.07 ms against 0.19 ms for a
-  784 x 512 kernel)."""
-  return bitmask.count(bitmask.pack(keys >= threshold))
 
 
 _TOP = 1 << 31  # keys are below this (their top bit is zero)
@@ -223,7 +216,7 @@ def _search_from(keys, k, last, before, max_probes):
 
   def probe_once(carry):
     lo, at_lo, hi, at_hi, probe, step, slow_before, probes = carry
-    count = _count_at_or_above(keys, probe)
+    count = bitmask.count(keys >= probe)
     width_before = hi - lo
     keep_lo = count >= k
     lo, at_lo = jnp.where(keep_lo, probe, lo), jnp.where(keep_lo, count, at_lo)
