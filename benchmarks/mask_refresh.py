@@ -10,7 +10,7 @@ Then the steady state of training: the refresh that starts from the last refresh
 ``--move`` times its kernel's scale, against the floor: one fused compare-and-count pass of
 ``|theta| >= t`` over the same kernels. Both in ns per weight, and their ratio.
 
-  python benchmarks/mask_refresh.py [--repeats 5] [--argsort-repeats 2]
+  python benchmarks/mask_refresh.py [--repeats 5] [--argsort-repeats 2] [--width-divisor 1]
 """
 
 import argparse
@@ -27,11 +27,13 @@ FORWARD_DENSITY = 0.1
 BACKWARD_DENSITY = 0.2
 
 
-def resnet50_shapes():
-  """Parameter shapes of torchvision-style ResNet-50 v1.5 (HWIO kernels): 25,557,032 numbers."""
-  shapes = {'conv1': (7, 7, 3, 64), 'bn1_scale': (64,), 'bn1_bias': (64,)}
-  in_ch = 64
+def resnet50_shapes(divisor=1):
+  """Parameter shapes of torchvision-style ResNet-50 v1.5 (HWIO kernels): 25,557,032 numbers;
+  every channel width divided by ``divisor``."""
+  in_ch = 64 // divisor
+  shapes = {'conv1': (7, 7, 3, in_ch), 'bn1_scale': (in_ch,), 'bn1_bias': (in_ch,)}
   for stage, (blocks, width) in enumerate([(3, 64), (4, 128), (6, 256), (3, 512)]):
+    width //= divisor
     for b in range(blocks):
       name = f'stage{stage + 1}_block{b + 1}'
       for i, (ks, cin, cout) in enumerate(
@@ -43,7 +45,7 @@ def resnet50_shapes():
         shapes[f'{name}_proj'] = (1, 1, in_ch, 4 * width)
         shapes[f'{name}_proj_bn_scale'] = shapes[f'{name}_proj_bn_bias'] = (4 * width,)
       in_ch = 4 * width
-  shapes['fc'] = (2048, 1000)
+  shapes['fc'] = (in_ch, 1000)
   shapes['fc_bias'] = (1000,)
   return shapes
 
@@ -85,6 +87,11 @@ def topkast_topk(kernels):
 
 
 @jax.jit
+def first_thresholds(kernels):
+  return {n: refreshed_masks(magnitude_keys(x), counts(x.size))[1] for n, x in kernels.items()}
+
+
+@jax.jit
 def refresh_from(kernels, thresholds):
   return {
     name: refreshed_masks(magnitude_keys(x), counts(x.size), thresholds[name])
@@ -115,7 +122,7 @@ def steady_state(kernels_np, move, repeats, rng):
   ]
   before = {n: x - 2 * m for (n, x), m in zip(kernels_np.items(), moves)}
   last = {n: x - m for (n, x), m in zip(kernels_np.items(), moves)}
-  thresholds = {n: refreshed_masks(magnitude_keys(x), counts(x.size))[1] for n, x in before.items()}
+  thresholds = first_thresholds(before)
   thresholds = {n: v[1] for n, v in refresh_from(last, thresholds).items()}
   found = jax.device_get(refresh_from(kernels_np, thresholds))
   reference = numpy_argpartition(kernels_np)
@@ -134,11 +141,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--argsort-repeats', type=int, default=2)
+  parser.add_argument('--width-divisor', type=int, default=1, help='a smaller ResNet-50')
   parser.add_argument('--move', type=float, default=1e-3, help='per refresh, times the scale')
   args = parser.parse_args()
 
   rng = np.random.default_rng(0)
-  shapes = resnet50_shapes()
+  shapes = resnet50_shapes(args.width_divisor)
   total = sum(int(np.prod(s)) for s in shapes.values())
   kernels_np = {
     n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in shapes.items() if len(s) >= 2
@@ -146,7 +154,7 @@ def main():
   kernels_jax = jax.device_put(kernels_np)
   sparse = sum(x.size for x in kernels_np.values())
   print(
-    f'ResNet-50 shapes: {total:,} parameters, {len(kernels_np)} kernels with {sparse:,} '
+    f'ResNet-50 shapes (widths / {args.width_divisor}): {total:,} parameters, {len(kernels_np)} kernels with {sparse:,} '
     f'weights; forward density {FORWARD_DENSITY}, backward density {BACKWARD_DENSITY}; '
     f'jax {jax.__version__} on {jax.devices()[0].platform}'
   )

@@ -6,21 +6,33 @@ limit of 65530 memory maps (``vm.max_map_count``). Without clearing, the process
 the module after ``test_experiments.py`` (segfault in ``backend_compile_and_load``, or in
 ``get_executable_and_time`` with a persistent compilation cache), in three of four full runs;
 ``test_experiments.py`` alone ends at 38,164 maps, and clearing brings them to 1,156.
-A compilation cache shared by the session (subprocesses inherit it) spares repeated compiles.
+A compilation cache shared by the run's processes (both pytest-xdist workers and the
+subprocesses they start), under pytest's temporary directory, spares repeated compiles.
 """
 
 import os
-import tempfile
 import zipfile
 
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='topkast_jax_cache_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _compilation_cache(tmp_path_factory):
+  """One compilation cache per run, in the directory pytest keeps for it (the last 3 runs)."""
+  run_dir = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):  # <run>/popen-gw<i>: share the run's directory
+    run_dir = run_dir.parent
+  path = str(run_dir / 'jax_compilation_cache')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = path  # for subprocesses
+  import jax
+
+  jax.config.update('jax_compilation_cache_dir', path)
 
 
 @pytest.fixture(scope='session')

