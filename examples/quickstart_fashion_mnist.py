@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 
 import topkast_jax
 from topkast_jax.data.idx import fashion_mnist_arrays
@@ -153,6 +153,7 @@ def plot(results, path):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # progress and results, not jax's backend INFO lines
   os.makedirs(_OUT.value, exist_ok=True)
   train_data, test_data = load_data()
   model = LeNet300100()

@@ -1,5 +1,5 @@
-"""One short round of every benchmark script, so the figures the README quotes cannot rot: each
-runs end to end on the current code and prints the lines the README shows (ratios in range)."""
+"""One short round of every benchmark script, so the figures the docs quote cannot rot: each
+runs end to end on the current code and prints the lines the docs show (ratios in range)."""
 
 import json
 import os

@@ -115,8 +115,12 @@ def test_demo_runs_both_methods_and_plots(data_dir, tmp_path):
   console = (run.stdout + run.stderr).splitlines()
   assert not [line for line in console if re.match(r'I\d{4} ', line)]  # no library INFO lines
   assert any(line.startswith('[topkast] eval at step 2: accuracy') for line in console)
+  steps = [line for line in console if line.startswith('[topkast] step 1/2 ')]
+  assert len(steps) == 1 and ' batch_accuracy ' in steps[0] and ' batch_loss ' in steps[0]
+  assert not [line for line in console if 'OpenCV' in line]  # tfds' advice: a library warning
   log = (tmp_path / 'log_0.txt').read_text()
   assert 'INFO' in log and 'checkpoint' in log  # orbax's INFO lines went to the file
+  assert 'OpenCV is not installed' in log  # kept in the file
   results = json.loads((tmp_path / 'results.json').read_text())
   assert set(results) == {'dense', 'topkast'}
   assert [h['step'] for h in results['topkast']['history']] == [1, 2]

@@ -1,10 +1,11 @@
 """The core install: `import topkast_jax` and a Top-KAST step need only jax, optax, chex, numpy
 (absl-py comes with optax and chex)."""
 
+import importlib.metadata
 import os
-import re
 import subprocess
 import sys
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT_PACKAGES = (
@@ -35,11 +36,38 @@ def test_core_imports_and_runs_without_the_experiment_stack():
   )
   density, version = out.stdout.split()
   assert float(density) == 0.5
-  with open(os.path.join(ROOT, 'setup.py'), encoding='utf-8') as f:
-    setup = f.read()
-  core = re.search(r'install_requires=\[([^\]]*)\]', setup).group(1)
-  assert sorted(re.findall(r"'([^']+)'", core)) == ['chex', 'jax', 'numpy', 'optax']
-  packaged = subprocess.run(
-    [sys.executable, 'setup.py', '--version'], capture_output=True, text=True, cwd=ROOT, check=True
-  )
-  assert packaged.stdout.split()[-1] == version  # one place for the version: the package
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)['project']
+  assert sorted(project['dependencies']) == ['chex', 'jax', 'numpy', 'optax']
+  installed = importlib.metadata.version('topkast_jax')  # the editable install's metadata
+  assert installed == version  # one place for the version: the package
+
+
+MISSING_FLAX = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] == 'flax':
+      raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+sys.meta_path.insert(0, Absent())
+for module in ('topkast_jax.models', 'topkast_jax.training.train', 'topkast_jax.data.sources'):
+  try:
+    __import__(module)
+  except ModuleNotFoundError as e:
+    print(e)
+"""
+
+
+def test_a_missing_extra_is_named():
+  out = subprocess.run(
+    [sys.executable, '-c', MISSING_FLAX], capture_output=True, text=True, cwd=ROOT, check=True
+  ).stdout.splitlines()
+  assert out == [
+    f'topkast_jax.{m} needs flax, which the core install of topkast_jax leaves out. Install the '
+    f"extra: pip install 'topkast_jax[{extra}]'."
+    for m, extra in (
+      ('models', 'models'),
+      ('training', 'experiments'),
+      ('data.sources', 'experiments'),
+    )
+  ], out

@@ -213,7 +213,7 @@ def test_optax_state_tools(compact):
 
 
 def test_state_shardings_follow_the_params_shardings():
-  """The README's recipe: under an explicit mesh, eval_shape of init on sharded params gives
+  """The sharding guide's recipe: under an explicit mesh, eval_shape of init on sharded params gives
   every state leaf's sharding, to hand to jit (out_shardings) or a checkpoint restore."""
   mesh = mesh_of('explicit')
   tx = make_tx(compact=True)

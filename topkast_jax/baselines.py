@@ -231,7 +231,7 @@ def rigl(
   compact_inner_state: bool = False,
   track_mask_changes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """RigL (Evci et al. 2020): as `set_sparse`, but grow the weights with the largest |gradient|.
+  """RigL (Evci et al. 2020): as `set_sparse`, but grow the weights with the largest ``|gradient|``.
 
   The gradient is the one passed to ``update``, taken with respect to ``sparse_params``: it
   is dense, so the train step needs nothing extra. Ties go to the lowest flat index.
@@ -300,7 +300,7 @@ def ste(
   distribution: str = 'uniform',
   track_mask_changes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Straight-through magnitude pruning: the forward pass uses the top-k of |theta|, taken
+  """Straight-through magnitude pruning: the forward pass uses the top-k of ``|theta|``, taken
   every step, and the gradient reaches every weight. Exactly `topkast` with
   ``backward_sparsity=0, update_every=1, exploration_l2=0``."""
   return topkast(

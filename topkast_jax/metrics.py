@@ -12,7 +12,7 @@ def sparsity_metrics(opt_state, per_leaf: bool = True) -> dict[str, jax.Array]:
   """Scalar metrics of the sparse-method state found inside ``opt_state`` (any method).
 
   Overall keys (weighted by leaf size over the sparse leaves): ``forward_density`` (share of
-  weights in use), ``backward_density`` (|B| / n; the forward density for the baselines) and
+  weights in use), ``backward_density`` (``|B| / n``; the forward density for the baselines) and
   ``sparse_weights`` (n). With ``track_mask_changes=True`` (every method takes it) also
   ``forward_change`` (share of the mask new at its last change; zero for static masks and for
   magnitude pruning, which only removes) and ``entered_from_c`` (share of weights that ever

@@ -45,7 +45,7 @@ def exploration_penalty(params, opt_state, exploration_l2, per_leaf: bool = Fals
 
   Not computed inside the step: that reduction over every sparse weight cost 14% of the step of
   `benchmarks/step_overhead.py`'s MLP on CPU; compute it when you log it. D is each leaf's
-  |A| / n, the forward density up to the rounding of |A|.
+  ``|A| / n``, the forward density up to the rounding of ``|A|``.
   """
   forward, backward = matched_masks(params, find_sparse_state(opt_state))
   lam = jnp.asarray(exploration_l2, jnp.float32)

@@ -114,7 +114,7 @@ def topkast(
       moments) of a weight when it leaves B at a refresh. Default: keep it.
     compact_inner_state: keep the wrapped optimizer's state for the weights in B only, so it
       shrinks with the backward density: the optimizer sees each sparse leaf as the vector of
-      its |B| weights (flat index order), state moves with weights that stay in B and starts
+      its ``|B|`` weights (flat index order), state moves with weights that stay in B and starts
       at zero for new ones. Equal, bit for bit, to ``reset_inner_state_on_exit=True`` for
       elementwise optimizers (SGD, momentum, Adam, ...). An optimizer that reads a leaf's shape
       (factored moments, per-row norms, a weight-decay mask computed from ``ndim``) sees the

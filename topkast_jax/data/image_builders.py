@@ -7,6 +7,10 @@ files with numpy and yield PNG bytes made with pillow instead, so ``download_and
 registered builder like any other prepared copy.
 """
 
+from topkast_jax import extras
+
+extras.require(__name__, 'experiments', extras.EXPERIMENTS)
+
 import io
 import os
 

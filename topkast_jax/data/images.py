@@ -11,6 +11,10 @@ positions ``[s*B, (s+1)*B)`` and process p reads and decodes only its rows
 batches (so collectives stay in step) and pads with ``mask == 0``: each example counts once.
 """
 
+from topkast_jax import extras
+
+extras.require(__name__, 'experiments', extras.EXPERIMENTS)
+
 import dataclasses
 import math
 

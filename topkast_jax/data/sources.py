@@ -5,11 +5,18 @@ for every data set except ImageNet); ``data_source(name, split)`` opens a prepar
 random-access ``tfds.data_source``. Command line: ``python -m topkast_jax.data.prepare NAME``.
 """
 
+from topkast_jax import extras
+
+extras.require(__name__, 'experiments', extras.EXPERIMENTS)
+
+import contextlib
 import glob
+import io
 import json
 import os
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from topkast_jax.data.image_builders import Cifar10, FashionMnist
 from topkast_jax.data.text_builders import Enwik8, Sotu, Wikitext103
@@ -56,7 +63,13 @@ def prepare(name: str, data_dir: str | None = None, **builder_kwargs) -> str:
     builder = BUILDERS[name](data_dir=data_dir, file_format='array_record', **builder_kwargs)
   else:
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record', **builder_kwargs)
-  builder.download_and_prepare()
+  if not builder.is_prepared():
+    # tfds prints its own 'Downloading and preparing ...' lines: they go to the log instead.
+    logging.warning(f'preparing {name} into {builder.data_dir} (once: later runs read it there)')
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+      builder.download_and_prepare()
+    logging.info(captured.getvalue().strip())
   return os.fspath(builder.data_dir)
 
 

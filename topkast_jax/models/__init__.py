@@ -1,5 +1,9 @@
 """Flax models for the Top-KAST experiments."""
 
+from topkast_jax import extras
+
+extras.require(__name__, 'models', ['flax'])
+
 from topkast_jax.models.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from topkast_jax.models.resnet import (
   ResNet,

@@ -119,7 +119,10 @@ def train(config, task, method, schedule, state, carry, start, evaluate, logger,
     if due(done, config.log_every_steps, total):
       metrics = state_lib.unreplicate(metrics)
       logger.write(done, metrics, 'train')
-      logger.progress(done, metrics)
+      # The step's metrics are the last training batch's: labelled so, beside evaluations.
+      logger.progress(
+        done, {(k if k == 'learning_rate' else f'batch_{k}'): v for k, v in metrics.items()}
+      )
       if method.sparse:
         logger.write(
           done, results.mask_metrics(state_lib.first_replica(state.opt_state)), 'sparsity'
