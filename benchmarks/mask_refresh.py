@@ -154,7 +154,8 @@ def main():
   kernels_jax = jax.device_put(kernels_np)
   sparse = sum(x.size for x in kernels_np.values())
   print(
-    f'ResNet-50 shapes (widths / {args.width_divisor}): {total:,} parameters, {len(kernels_np)} kernels with {sparse:,} '
+    f'ResNet-50 shapes{f" (widths / {args.width_divisor})" if args.width_divisor > 1 else ""}: '
+    f'{total:,} parameters, {len(kernels_np)} kernels with {sparse:,} '
     f'weights; forward density {FORWARD_DENSITY}, backward density {BACKWARD_DENSITY}; '
     f'jax {jax.__version__} on {jax.devices()[0].platform}'
   )
