@@ -15,7 +15,9 @@ Models, with their config's architecture, Adam, at forward / backward sparsity 0
   and feed-forward kernels sparse), ``--txl_batch`` rows of ``--txl_len`` bytes, memory as long;
 * ``mlp``: the 784-512-512-10 MLP of ``step_overhead.py`` (batch 256): seconds to compile.
 
-Prints one table per model (MiB, and the peak's ratio to dense) and writes
+Sparse steps differentiate through ``topkast_jax.sparse_value_and_grad`` (the library's path,
+which recomputes the sparse params for the backward pass instead of keeping a copy). Prints one
+table per model (MiB, and the peak's ratio to dense) and writes
 ``step_memory.json`` to ``--out_dir``.
 
   python benchmarks/step_memory.py [--models resnet50,txl_enwik8] [--methods topkast,...]
@@ -126,8 +128,12 @@ def peak(loss_fn, params, extra, batch, tx, sparse) -> dict:
   """Memory analysis of one donated step of ``tx`` (``sparse``: at the sparse point), MiB."""
 
   def step(p, s, extra, data):
-    point = topkast_jax.sparse_params(p, s) if sparse else p
-    grads, extra = jax.grad(loss_fn, has_aux=True)(point, extra, data)
+    if sparse:  # the library's path: the sparse params recomputed for the backward pass
+      (_, extra), grads = topkast_jax.sparse_value_and_grad(loss_fn, has_aux=True)(
+        p, s, extra, data
+      )
+    else:
+      grads, extra = jax.grad(loss_fn, has_aux=True)(p, extra, data)
     updates, s = tx.update(grads, s, p)
     return optax.apply_updates(p, updates), s, extra
 

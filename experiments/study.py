@@ -138,12 +138,14 @@ def train_one(settings: dict, task, run: dict) -> dict:
   tx = optimizer(settings, run, total, task)
   sparse = run['method'] != 'dense'
   forward = topkast_jax.sparse_params if sparse else (lambda p, s: p)
+  if sparse:
+    value_and_grad = topkast_jax.sparse_value_and_grad(task.loss, has_aux=True)
+  else:
+    value_and_grad = lambda p, s, *a: jax.value_and_grad(task.loss, has_aux=True)(p, *a)  # noqa: E731
 
   @jax.jit
   def step(params, state, carry, batch):
-    (loss, carry), grads = jax.value_and_grad(task.loss, has_aux=True)(
-      forward(params, state), carry, batch
-    )
+    (loss, carry), grads = value_and_grad(params, state, carry, batch)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, carry, loss
 

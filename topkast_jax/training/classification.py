@@ -72,8 +72,8 @@ class Classification:
       loss = optax.softmax_cross_entropy(logits, targets).mean()
       return loss, (logits, updates['batch_stats'])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state_lib.forward_params(state, sparse)
+    (loss, (logits, batch_stats)), grads = state_lib.value_and_grad_at_forward(
+      loss_fn, state, sparse
     )
     new_state = state_lib.apply_gradients(state, grads, tx, batch_stats=batch_stats)
     metrics = {

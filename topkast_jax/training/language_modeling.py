@@ -94,9 +94,7 @@ class LanguageModeling:
       loss = jnp.sum(nll * batch['mask']) / jnp.maximum(jnp.sum(batch['mask']), 1.0)
       return loss, new_mems
 
-    (loss, new_mems), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state_lib.forward_params(state, sparse)
-    )
+    (loss, new_mems), grads = state_lib.value_and_grad_at_forward(loss_fn, state, sparse)
     new_state = state_lib.apply_gradients(state, grads, tx)
     metrics = {
       'loss': loss,

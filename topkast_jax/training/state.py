@@ -27,6 +27,14 @@ def forward_params(state: TrainState, sparse: bool):
   return topkast_jax.sparse_params(state.params, state.opt_state) if sparse else state.params
 
 
+def value_and_grad_at_forward(loss_fn, state: TrainState, sparse: bool):
+  """``(loss, aux), grads`` of ``loss_fn(params) -> (loss, aux)`` at `forward_params`, through
+  `topkast_jax.sparse_value_and_grad` when sparse (no second copy of the kernels in memory)."""
+  if sparse:
+    return topkast_jax.sparse_value_and_grad(loss_fn, has_aux=True)(state.params, state.opt_state)
+  return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+
 def apply_gradients(state: TrainState, grads, tx, **changes) -> TrainState:
   """Averages ``grads`` over devices and applies ``tx``: the next step's state."""
   updates, opt_state = tx.update(jax.lax.pmean(grads, AXIS), state.opt_state, state.params)
