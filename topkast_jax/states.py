@@ -102,18 +102,19 @@ def sparse_params(params, opt_state) -> Any:
   to the result and pass that gradient to ``tx.update``.
   """
   forward, _ = matched_masks(params, find_sparse_state(opt_state))
-  return jax.tree.map(
-    lambda p, a: p if is_masked(a) else jnp.where(bitmask.unpack(a), p, jnp.zeros_like(p)),
-    params,
-    forward,
-  )
+  return jax.tree.map(lambda p, a: p if is_masked(a) else _zero_outside(p, a), params, forward)
+
+
+def _zero_outside(x, mask):
+  """``x`` zero outside ``mask`` (as stored: packed or bool)."""
+  return jnp.where(bitmask.unpack(mask), x, jnp.zeros_like(x))
 
 
 @jax.custom_vjp
 def _masked(x, mask):
-  """``x`` zero outside ``mask`` (as stored); its gradient passes to ``x`` unchanged, so the
-  gradient with respect to ``x`` is the one at the sparse point."""
-  return jnp.where(bitmask.unpack(mask), x, jnp.zeros_like(x))
+  """`_zero_outside` whose gradient passes to ``x`` unchanged, so the gradient with respect
+  to ``x`` is the one at the sparse point."""
+  return _zero_outside(x, mask)
 
 
 def _masked_fwd(x, mask):

@@ -69,7 +69,8 @@ def prepare(name: str, data_dir: str | None = None, **builder_kwargs) -> str:
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
       builder.download_and_prepare()
-    logging.info(captured.getvalue().strip())
+    if captured.getvalue().strip():
+      logging.info(captured.getvalue().strip())
   return os.fspath(builder.data_dir)
 
 
