@@ -10,6 +10,11 @@ Then the steady state of training: the refresh that starts from the last refresh
 ``--move`` times its kernel's scale, against the floor: one fused compare-and-count pass of
 ``|theta| >= t`` over the same kernels. Both in ns per weight, and their ratio.
 
+Last, the structured selections Top-KAST runs at init (A and B of every kernel but the first
+conv, whose 3 input channels no group or block divides): N:M 1:8 / 2:8 (a rank inside each
+group) and 4 x 4 blocks at 0.9 / 0.8 (block norms, then the top-k search over blocks), against
+the unstructured search at the same densities, in ns per weight.
+
   python benchmarks/mask_refresh.py [--repeats 5] [--argsort-repeats 2] [--width-divisor 1]
 """
 
@@ -21,7 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from topkast_jax.sparsity import LeafSparsity
+from topkast_jax.structure import NM, Blocks
 from topkast_jax.topk import magnitude_keys, refreshed_masks, topk_masks
+from topkast_jax.transform import _top_masks
 
 FORWARD_DENSITY = 0.1
 BACKWARD_DENSITY = 0.2
@@ -105,6 +113,34 @@ def one_pass(kernels):
   return {name: jnp.sum(jnp.abs(x) >= 0.05, dtype=jnp.int32) for name, x in kernels.items()}
 
 
+STRUCTURES = {
+  'unstructured 0.875 / 0.75': LeafSparsity(0.875, 0.75),
+  'N:M 1:8 / 2:8': LeafSparsity(0.875, 0.75, structure=NM(1, 8)),
+  'unstructured 0.9 / 0.8': LeafSparsity(0.9, 0.8),
+  'blocks 4x4, 0.9 / 0.8': LeafSparsity(0.9, 0.8, structure=Blocks(4, 4)),
+}
+
+
+def structured_selections(kernels_np, repeats):
+  """Seconds of Top-KAST's first selection (A and B) of every kernel, per `STRUCTURES` entry;
+  checks every N:M group and block count."""
+  kernels = jax.device_put({n: x for n, x in kernels_np.items() if n != 'conv1'})
+  seconds = {}
+  for label, spec in STRUCTURES.items():
+    select = jax.jit(lambda ks, spec=spec: {n: _top_masks(x, spec)[:2] for n, x in ks.items()})
+    found = jax.device_get(select(kernels))
+    for name, (a, b) in found.items():
+      want_a, want_b = spec.layer_counts(a.shape)
+      if (a.sum(), b.sum()) != (want_a, want_b) or (a & ~b).any():
+        raise AssertionError(f'{label}: wrong counts on {name}')
+      if isinstance(spec.structure, NM):
+        groups = np.moveaxis(a, -2, -1).reshape(-1, spec.structure.m).sum(axis=1)
+        if (groups != spec.structure.n).any():
+          raise AssertionError(f'{label}: a group of {name} does not hold n')
+    seconds[label] = median_seconds(select, kernels, repeats=repeats)
+  return seconds, sum(x.size for x in kernels.values())
+
+
 def median_seconds(fn, *args, repeats):
   jax.block_until_ready(fn(*args))  # compile and warm up
   times = []
@@ -182,6 +218,15 @@ def main():
   print(f'refresh from the last thresholds   {per_weight(t_refresh):6.3f} ns/weight')
   print(f'one compare-and-count pass         {per_weight(t_pass):6.3f} ns/weight')
   print(f'ratio_refresh_vs_one_pass={t_refresh / t_pass:.3f}')
+
+  seconds, weights = structured_selections(kernels_np, args.repeats)
+  print('first selection (A and B), every kernel but conv1:')
+  for label, t in seconds.items():
+    print(f'{label:34s} {t / weights * 1e9:6.3f} ns/weight')
+  unstructured = lambda d: seconds[f'unstructured {d}']  # noqa: E731
+  print(f'ratio_nm_vs_unstructured={seconds["N:M 1:8 / 2:8"] / unstructured("0.875 / 0.75"):.3f}')
+  blocks = seconds['blocks 4x4, 0.9 / 0.8'] / unstructured('0.9 / 0.8')
+  print(f'ratio_blocks_vs_unstructured={blocks:.3f}')
 
 
 if __name__ == '__main__':

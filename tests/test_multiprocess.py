@@ -12,7 +12,14 @@ import time
 
 import jax
 import pytest
-from experiment_utils import TINY_TXL, assert_same, final_params, last_checkpoint, tiny_config
+from experiment_utils import (
+  TINY_TXL,
+  assert_same,
+  final_params,
+  last_checkpoint,
+  tiny_config,
+  xla_flags,
+)
 
 from topkast_jax.training.train import train_and_evaluate
 
@@ -78,9 +85,7 @@ def test_two_processes_equal_one_process(name, data_dir, tmp_path):
     return dict(
       os.environ,
       JAX_PLATFORMS='cpu',
-      XLA_FLAGS=(
-        f'--xla_force_host_platform_device_count={devices} --xla_cpu_collective_timeout_seconds=60'
-      ),
+      XLA_FLAGS=xla_flags(devices) + ' --xla_cpu_collective_timeout_seconds=60',
     )
 
   def one_process(workdir, steps):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from experiment_utils import xla_flags
 
 from topkast_jax.data.idx import DEBIAN_FASHION_MNIST_DIR
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_one_epoch_learns_and_is_sparse(tmp_path):
   # No JAX_PLATFORMS: jax probes for a TPU, whose INFO line must not reach the console.
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  env['XLA_FLAGS'] = ''
+  env['XLA_FLAGS'] = xla_flags()
   run = subprocess.run(
     [
       sys.executable,

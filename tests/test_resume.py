@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from experiment_utils import assert_same, last_checkpoint, tiny_config
+from experiment_utils import assert_same, last_checkpoint, tiny_config, xla_flags
 
 from topkast_jax.training import checkpoint as checkpoint_lib
 from topkast_jax.training import lock as lock_lib
@@ -204,7 +204,7 @@ def test_kill_9_during_training_then_resume(data_dir, tmp_path):
     '--config.checkpoint_every_steps=1',
     '--config.eval_every_steps=0',
   ]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   checkpoints, deadline = tmp_path / 'checkpoints', time.monotonic() + 300
   while time.monotonic() < deadline and victim.poll() is None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from experiment_utils import xla_flags
 
 from topkast_jax.data.idx import DEBIAN_FASHION_MNIST_DIR
 
@@ -21,7 +22,7 @@ def study(out_dir, *args):
   subprocess.run(
     [sys.executable, os.path.join(ROOT, 'experiments', 'study.py'), f'--out_dir={out_dir}', *args],
     check=True,
-    env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
+    env=dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS='cpu'),
     timeout=600,
     capture_output=True,
   )
@@ -71,6 +72,33 @@ def test_tiny_methods_study_on_images(tmp_path):
   assert all(0 < h['mask_change'] < 1 for h in topkast[1:])  # Top-KAST's A moves every step
   assert all(0 <= h['entered_from_c'] <= 0.9 for h in topkast)
   assert all(h['mask_change'] == 0 for h in histories['static', 0][1:])
+
+
+@needs_fashion_mnist
+def test_tiny_structure_study_on_images(tmp_path):
+  """2:4 and 1:8 (784 x 300 only: 300 and 100 input rows are no multiple of 8) and 4 x 2
+  blocks at 0.875, with unstructured at 0.5 and 0.875: each run's measured sparsity is its
+  structure's, the table and plot name the structures."""
+  runs, table = study(
+    tmp_path,
+    '--study=structure',
+    '--steps=20',
+    '--log_every=10',
+    '--methods=dense,topkast',
+    '--structures=2:4,1:8,4x2',
+  )
+  got = {(r['structure'], float(r['forward_sparsity'])): r for r in runs}
+  assert sorted(got) == [('1:8', 0.875), ('2:4', 0.5), ('4x2', 0.875), ('none', 0.0),
+                         ('none', 0.5), ('none', 0.875)]  # fmt: skip
+  for (_, level), r in got.items():
+    assert float(r['measured_sparsity']) == pytest.approx(level, abs=1e-3)
+    assert float(r['test_accuracy']) > 0.15  # chance is 0.1; 20 steps
+  assert float(got['2:4', 0.5]['backward_sparsity']) == 0.0  # B twice A: everything
+  assert float(got['1:8', 0.875]['structured_share']) == pytest.approx(235200 / 266200)
+  assert float(got['4x2', 0.875]['structured_share']) == 1.0
+  assert len(table) == 6
+  assert '| topkast | 1:8 (0.88) | 0.875 | 0.75 | 1 |' in (tmp_path / 'table.md').read_text()
+  assert (tmp_path / 'test_accuracy_vs_structure.png').stat().st_size > 0
 
 
 @needs_fashion_mnist
@@ -136,7 +164,7 @@ def test_finished_runs_are_never_dropped(tmp_path):
     assert sorted(r['method'] for r in json.load(f)['runs']) == ['dense', 'static']
   refused = subprocess.run(
     [sys.executable, os.path.join(ROOT, 'experiments', 'study.py'), f'--out_dir={tmp_path}', *args],
-    env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
+    env=dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS='cpu'),
     capture_output=True,
     text=True,
     timeout=600,

@@ -6,7 +6,16 @@ from topkast_jax.baselines import magnitude_pruning, rigl, set_sparse, static_sp
 from topkast_jax.engine import Policy, sparse_training
 from topkast_jax.metrics import sparsity_metrics
 from topkast_jax.regularizer import exploration_penalty
-from topkast_jax.sparsity import LeafSparsity, Stacked, path_name, resolve_sparsities, stacked
+from topkast_jax.sparsity import (
+  LeafSparsity,
+  Stacked,
+  Structured,
+  path_name,
+  resolve_sparsities,
+  stacked,
+  structured,
+  where_structure_fits,
+)
 from topkast_jax.states import (
   SparseState,
   find_sparse_state,
@@ -14,16 +23,20 @@ from topkast_jax.states import (
   sparse_value_and_grad,
   unpack_masks,
 )
+from topkast_jax.structure import NM, Blocks
 from topkast_jax.topk import topk_mask, topk_masks
 from topkast_jax.transform import topkast
 
 __version__ = '0.1.0'
 
 __all__ = [
+  'NM',
+  'Blocks',
   'LeafSparsity',
   'Policy',
   'SparseState',
   'Stacked',
+  'Structured',
   'exploration_penalty',
   'find_sparse_state',
   'magnitude_pruning',
@@ -38,9 +51,11 @@ __all__ = [
   'sparsity_metrics',
   'static_sparse',
   'stacked',
+  'structured',
   'ste',
   'topk_mask',
   'topk_masks',
   'topkast',
   'unpack_masks',
+  'where_structure_fits',
 ]

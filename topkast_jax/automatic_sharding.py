@@ -31,6 +31,19 @@ def out_spec(x) -> P | None:
   return jax.typeof(x).sharding.spec if _explicit_axes(x) else None
 
 
+def spec_like(x, shape) -> P:
+  """``x``'s spec for an array of ``shape`` (as many axes): each axis keeps ``x``'s mesh axes
+  where they divide its new size, else is replicated."""
+  if not _explicit_axes(x):
+    return P()
+  mesh = jax.typeof(x).sharding.mesh
+  entries = []
+  for entry, size in zip(spec_of(x), shape):
+    axes = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+    entries.append(entry if size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+  return P(*entries)
+
+
 def vector_spec(x, length: int) -> P:
   """A spec for a vector of ``length`` derived from leaf ``x``: sharded over every mesh axis
   ``x`` is sharded over when they divide it evenly, else replicated."""

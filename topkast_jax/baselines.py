@@ -28,6 +28,7 @@ import optax
 
 from topkast_jax import automatic_sharding, engine
 from topkast_jax.sparsity import SparsitySpec, check_step_count, is_dense, resolve_sparsities
+from topkast_jax.structure import NM, Blocks, Structure
 from topkast_jax.topk import magnitude_keys, top_keys_mask
 from topkast_jax.transform import topkast
 
@@ -63,8 +64,18 @@ def _random_keys(key: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def _top(keys, k, spec):
-  """The ``k`` largest ``keys`` of each layer of a leaf."""
+  """The ``k`` largest ``keys`` of each layer of a leaf (of its blocks, for block keys)."""
   return top_keys_mask(keys, k, layer_axes=spec.layer_axes)
+
+
+def _units(spec, shape):
+  """What a leaf's masks choose from: ``(to_units, from_units, count)``: a function from an
+  array shaped like the leaf to one per unit (the blocks' scores; weights themselves
+  otherwise), its inverse for masks, and the forward count of units per layer."""
+  if isinstance(spec.structure, Blocks):
+    blocks = spec.structure
+    return blocks.scores, blocks.expand, spec.block_counts(shape)[0]
+  return (lambda x: x), (lambda m: m), spec.layer_counts(shape)[0]
 
 
 def _masked(
@@ -74,6 +85,7 @@ def _masked(
   sparsity: SparsitySpec,
   distribution: str,
   seed: int,
+  structure: Structure = None,
   compact_inner_state: bool = False,
   track_mask_changes: bool = False,
   dense_at_init: bool = False,
@@ -85,7 +97,9 @@ def _masked(
   root = jax.random.key(seed)
 
   def leaf_specs(params):
-    specs = resolve_sparsities(params, sparsity_level, sparsity_level, sparsity, distribution)
+    specs = resolve_sparsities(
+      params, sparsity_level, sparsity_level, sparsity, distribution, structure
+    )
     for spec in jax.tree.leaves(specs, is_leaf=is_dense):
       if not is_dense(spec) and spec.backward != spec.forward:
         raise ValueError(
@@ -98,8 +112,12 @@ def _masked(
     if dense_at_init:
       mask = jnp.ones_like(leaf, bool)
     else:
-      keys = _random_keys(jax.random.fold_in(root, i), leaf)
-      mask = _top(keys, spec.layer_counts(leaf.shape)[0], spec)
+      key = jax.random.fold_in(root, i)
+      if isinstance(spec.structure, NM):
+        mask = spec.structure.rank(_random_keys(key, leaf)) < spec.group_counts()[0]
+      else:
+        to_units, from_units, count = _units(spec, leaf.shape)
+        mask = from_units(_top(_random_keys(key, to_units(leaf)), count, spec))
     return mask, mask
 
   def update(i, count, after, grad, a, b, spec):
@@ -122,6 +140,7 @@ def static_sparse(
   sparsity_level: float,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
+  structure: Structure = None,
   seed: int = 0,
   compact_inner_state: bool = False,
   track_mask_changes: bool = False,
@@ -139,6 +158,7 @@ def static_sparse(
     sparsity_level=sparsity_level,
     sparsity=sparsity,
     distribution=distribution,
+    structure=structure,
     seed=seed,
     compact_inner_state=compact_inner_state,
     track_mask_changes=track_mask_changes,
@@ -173,12 +193,18 @@ def _drop_and_grow(
   root = jax.random.key(seed)
 
   def update_mask(i, count, weights, grad, mask, spec):
-    active = spec.layer_counts(mask.shape)[0]
+    to_units, from_units, active = _units(spec, mask.shape)
+    blocks = isinstance(spec.structure, Blocks)
+    units = spec.structure.of_mask(mask) if blocks else mask
     f = jnp.clip(jnp.asarray(fraction(count), jnp.float32), 0.0, 1.0)
     n_drop = jnp.floor(f * active + 0.5).astype(jnp.int32)
-    kept = _top(_among(mask, magnitude_keys(weights)), active - n_drop, spec)
+    kept = _top(_among(units, magnitude_keys(to_units(weights))), active - n_drop, spec)
     key = jax.random.fold_in(jax.random.fold_in(root, count), i)
-    return kept | _top(_among(~kept, grow_keys(key, grad)), n_drop, spec)
+    grow = _among(~kept, grow_keys(key, to_units(grad)))
+    if isinstance(spec.structure, NM):  # each group regrows what it lost, inside the group
+      nm = spec.structure
+      return kept | (nm.rank(grow) < spec.group_counts()[0] - nm.group_count(kept))
+    return from_units(kept | _top(grow, n_drop, spec))
 
   return _masked(
     inner,
@@ -201,6 +227,7 @@ def set_sparse(
   drop_fraction: float | optax.Schedule = 0.3,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
+  structure: Structure = None,
   seed: int = 0,
   compact_inner_state: bool = False,
   track_mask_changes: bool = False,
@@ -227,6 +254,7 @@ def rigl(
   drop_fraction: float | optax.Schedule = 0.3,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
+  structure: Structure = None,
   seed: int = 0,
   compact_inner_state: bool = False,
   track_mask_changes: bool = False,
@@ -248,6 +276,7 @@ def magnitude_pruning(
   update_every: int = 100,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
+  structure: Structure = None,
   track_mask_changes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu and Gupta 2017): dense at start, sparse at ``end_step``.
@@ -266,14 +295,22 @@ def magnitude_pruning(
   check_step_count('end_step', end_step, max(begin_step, 1))  # updates count from 1
 
   def update_mask(i, count, weights, grad, mask, spec):
-    size = math.prod(spec.layer_shape(mask.shape))
-    final_count = spec.layer_counts(mask.shape)[0]
+    nm = spec.structure if isinstance(spec.structure, NM) else None
+    to_units, from_units, final_count = _units(spec, mask.shape)
+    if nm:  # a schedule over n: the weights kept per group
+      size, final_count = nm.m, spec.group_counts()[0]
+    elif isinstance(spec.structure, Blocks):
+      size = spec.structure.count(spec.layer_shape(mask.shape))
+      mask = spec.structure.of_mask(mask)
+    else:
+      size = math.prod(spec.layer_shape(mask.shape))
     span = max(end_step - begin_step, 1)
     progress = jnp.clip((count - begin_step) / span, 0.0, 1.0).astype(jnp.float32)
     density = 1.0 - (1.0 - final_count / size) * (1.0 - (1.0 - progress) ** 3)
     k = jnp.floor(density * size + 0.5).astype(jnp.int32)
     k = jnp.where(count >= end_step, final_count, k)
-    return _top(_among(mask, magnitude_keys(weights)), k, spec)
+    keys = _among(mask, magnitude_keys(to_units(weights)))
+    return nm.rank(keys) < k if nm else from_units(_top(keys, k, spec))
 
   def due(count):
     on_grid = (count - begin_step) % update_every == 0
@@ -284,6 +321,7 @@ def magnitude_pruning(
     sparsity_level=sparsity_level,
     sparsity=sparsity,
     distribution=distribution,
+    structure=structure,
     seed=0,
     dense_at_init=True,
     update_mask=update_mask,
@@ -298,6 +336,7 @@ def ste(
   sparsity_level: float,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
+  structure: Structure = None,
   track_mask_changes: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Straight-through magnitude pruning: the forward pass uses the top-k of ``|theta|``, taken
@@ -311,5 +350,6 @@ def ste(
     exploration_l2=0.0,
     sparsity=sparsity,
     distribution=distribution,
+    structure=structure,
     track_mask_changes=track_mask_changes,
   )

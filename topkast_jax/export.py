@@ -5,6 +5,11 @@ a pytree shaped like the params whose sparse leaves are ``jax.experimental.spars
 arrays holding only A's entries; `densify` gives back the exact dense alpha. `to_arrays` is the
 same as a flat ``{path: numpy array}`` dict (flat int32 indices, values and shape per sparse
 leaf), which ``numpy.savez`` and orbax save as is; `save_npz` and `load_npz` do that.
+
+A model trained with a structure exports in the layout its kernels run
+(`topkast_jax.hardware_formats`): `structured_arrays` (or ``save_npz(..., structure=...)``)
+writes N:M leaves as kept values and slot indices, block leaves as block CSR; `from_arrays`
+and `load_npz` read every layout.
 """
 
 import jax
@@ -12,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
-from topkast_jax import bitmask
+from topkast_jax import bitmask, hardware_formats
 from topkast_jax.atomic import atomic_file
 from topkast_jax.sparsity import path_name
 from topkast_jax.states import find_sparse_state, is_masked, matched_masks
+from topkast_jax.structure import NM, Blocks, Structure
 
 
 def _is_bcoo(x) -> bool:
@@ -55,17 +61,22 @@ def densify(exported):
   return jax.tree.map(lambda x: x.todense() if _is_bcoo(x) else x, exported, is_leaf=_is_bcoo)
 
 
+def _checked_name(path, arrays) -> str:
+  name = path_name(path)
+  if '@' in name or name in arrays or any(k.startswith(f'{name}@') for k in arrays):
+    raise ValueError(
+      f'cannot export the parameter at {name!r}: its key path contains "@" or "/" inside a '
+      'key, or names another parameter too, and the file would lose one of them. Rename it.'
+    )
+  return name
+
+
 def to_arrays(exported) -> dict[str, np.ndarray]:
   """``{path: array}``; a sparse leaf at ``p`` becomes ``p@values``, ``p@indices`` (flat int32,
   row-major) and ``p@shape``."""
   arrays = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(exported, is_leaf=_is_bcoo)[0]:
-    name = path_name(path)
-    if '@' in name or name in arrays or any(k.startswith(f'{name}@') for k in arrays):
-      raise ValueError(
-        f'cannot export the parameter at {name!r}: its key path contains "@" or "/" inside a '
-        'key, or names another parameter too, and the file would lose one of them. Rename it.'
-      )
+    name = _checked_name(path, arrays)
     if _is_bcoo(leaf):
       flat = np.ravel_multi_index(tuple(np.asarray(leaf.indices).T), leaf.shape)
       arrays[f'{name}@values'] = np.asarray(leaf.data)
@@ -76,13 +87,62 @@ def to_arrays(exported) -> dict[str, np.ndarray]:
   return arrays
 
 
+def structured_arrays(params, opt_state, structure: Structure) -> dict[str, np.ndarray]:
+  """``{path: array}`` with every sparse leaf in ``structure``'s layout: for `NM`,
+  ``p@nm_values`` and ``p@nm_index`` (`hardware_formats.to_nm`) and ``p@nm`` ``(n, m, axis)``;
+  for `Blocks`, ``p@bcsr_data``, ``p@bcsr_indices``, ``p@bcsr_indptr`` and ``p@bcsr_block``
+  ``(rows, cols)``; both with ``p@shape``. Dense leaves as they are.
+
+  Raises:
+    ValueError: if a sparse leaf's mask does not have ``structure`` (naming the leaf).
+  """
+  if not isinstance(structure, (NM, Blocks)):
+    raise ValueError(f'structure must be NM(...) or Blocks(...), got {structure!r}.')
+  forward, _ = matched_masks(params, find_sparse_state(opt_state))
+  arrays = {}
+  for (path, leaf), mask in zip(
+    jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(forward, is_leaf=is_masked)
+  ):
+    name, leaf = _checked_name(path, arrays), np.asarray(leaf)
+    if is_masked(mask):
+      arrays[name] = leaf
+      continue
+    mask = np.asarray(bitmask.unpack(mask))
+    alpha = np.where(mask, leaf, np.zeros_like(leaf))
+    if isinstance(structure, NM):
+      values, index = hardware_formats.to_nm(alpha, mask, structure, repr(name))
+      arrays.update({f'{name}@nm_values': values, f'{name}@nm_index': index})
+      arrays[f'{name}@nm'] = np.asarray([structure.n, structure.m, structure.axis], np.int64)
+    else:
+      data, indices, indptr = hardware_formats.to_block_csr(alpha, mask, structure, repr(name))
+      arrays.update({f'{name}@bcsr_data': data, f'{name}@bcsr_indices': indices})
+      arrays[f'{name}@bcsr_indptr'] = indptr
+      arrays[f'{name}@bcsr_block'] = np.asarray([structure.rows, structure.cols], np.int64)
+    arrays[f'{name}@shape'] = np.asarray(leaf.shape, np.int64)
+  return arrays
+
+
+def _structured_leaf(arrays, base, part):
+  """The dense leaf of an N:M or block-CSR export."""
+  shape = tuple(int(d) for d in arrays[f'{base}@shape'])
+  if part == 'nm_values':
+    n, m, axis = (int(v) for v in arrays[f'{base}@nm'])
+    return hardware_formats.from_nm(arrays[f'{base}@nm_values'], arrays[f'{base}@nm_index'],
+                                    NM(n, m, axis), shape)  # fmt: skip
+  rows, cols = (int(v) for v in arrays[f'{base}@bcsr_block'])
+  parts = (arrays[f'{base}@bcsr_{k}'] for k in ('data', 'indices', 'indptr'))
+  return hardware_formats.from_block_csr(*parts, Blocks(rows, cols), shape)
+
+
 def from_arrays(arrays, like=None):
   """Dense alpha from `to_arrays`' dict: shaped like ``like`` (any params tree of the same
   paths, e.g. the model's params or ``jax.eval_shape`` of them), or as nested dicts."""
   dense = {}
   for name in arrays:
     base, _, part = name.partition('@')
-    if part in ('', 'values'):
+    if part in ('nm_values', 'bcsr_data'):
+      dense[base] = _structured_leaf(arrays, base, part)
+    elif part in ('', 'values'):
       if not part:
         dense[base] = np.asarray(arrays[name])
         continue
@@ -120,10 +180,15 @@ def from_arrays(arrays, like=None):
   return tree
 
 
-def save_npz(path: str, params, opt_state) -> None:
-  """Writes the sparse export of ``params`` to ``path`` (.npz), atomically."""
+def save_npz(path: str, params, opt_state, structure: Structure = None) -> None:
+  """Writes the sparse export of ``params`` to ``path`` (.npz), atomically: values and flat
+  indices, or with a ``structure`` its layout (`structured_arrays`)."""
+  if structure is None:
+    arrays = to_arrays(export_sparse(params, opt_state))
+  else:
+    arrays = structured_arrays(params, opt_state, structure)
   with atomic_file(path, 'wb') as f:
-    np.savez(f, **to_arrays(export_sparse(params, opt_state)))
+    np.savez(f, **arrays)
 
 
 def load_npz(path: str, like=None):

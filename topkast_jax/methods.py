@@ -5,6 +5,7 @@ import optax
 
 from topkast_jax.baselines import magnitude_pruning, rigl, set_sparse, static_sparse, ste
 from topkast_jax.sparsity import SparsitySpec
+from topkast_jax.structure import Structure
 from topkast_jax.transform import topkast
 
 METHODS = ('dense', 'topkast', 'ste', 'static', 'set', 'rigl', 'magnitude_pruning')
@@ -24,6 +25,7 @@ def by_name(
   end_step: int | None = None,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
+  structure: Structure = None,
   seed: int = 0,
   track_mask_changes: bool = False,
 ) -> optax.GradientTransformation:
@@ -38,7 +40,12 @@ def by_name(
     raise ValueError(f'unknown method {method!r}; use one of {", ".join(METHODS)}.')
   if method == 'dense':
     return inner
-  common = dict(sparsity=sparsity, distribution=distribution, track_mask_changes=track_mask_changes)
+  common = dict(
+    sparsity=sparsity,
+    distribution=distribution,
+    structure=structure,
+    track_mask_changes=track_mask_changes,
+  )
   if method == 'topkast':
     return topkast(
       inner,

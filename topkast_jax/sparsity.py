@@ -16,6 +16,14 @@ A value is ``True`` (sparse at the global sparsities), ``False`` or ``0`` (dense
 forward density, capped at 1), or a pair ``(forward, backward)``. A forward sparsity of 0
 means dense: the leaf gets no masks and no exploration penalty.
 
+Structure (`topkast_jax.structure`): ``structure=`` of a method (default None, unstructured) is
+the selection every sparse leaf gets; a value `NM` ``(n, m)`` or `Blocks` ``(rows, cols)``
+makes one leaf sparse with that structure, and ``structured(structure, value)`` gives one leaf
+a structure with any value above (None: unstructured, under a global structure). N:M fixes
+the forward density to n / m: B keeps ``round((1 - backward) * m)`` per group (at least n),
+with the backward density from the rule above; a float override cannot apply to an N:M leaf.
+Blocks keep ``round((1 - s) * blocks)`` whole blocks per layer (A and B alike).
+
 Stacked layers: a leaf whose leading axes index layers (flax ``nn.scan`` / ``nnx.scan`` stack a
 (L, d_in, d_out) kernel) is declared with ``stacked(value, axes=1)``; each slice of the first
 ``axes`` axes is then one layer: its own top-k with exact counts, ERK on the slice's shape, the
@@ -42,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from topkast_jax.structure import NM, Blocks, Structure
+
 
 @dataclasses.dataclass(frozen=True)
 class LeafSparsity:
@@ -50,6 +60,7 @@ class LeafSparsity:
   forward: float  # forward sparsity S: A holds round((1 - S) * layer size) entries per layer
   backward: float  # backward sparsity: B holds round((1 - backward) * layer size) per layer
   layer_axes: int = 0  # leading axes that index stacked layers (see `stacked`)
+  structure: Structure = None  # N:M groups or blocks (`topkast_jax.structure`); None: any entries
 
   @property
   def forward_density(self) -> float:
@@ -67,13 +78,45 @@ class LeafSparsity:
     return tuple(shape)[self.layer_axes :]
 
   def layer_counts(self, shape) -> tuple[int, int]:
-    """``(|A|, |B|)`` of each layer of a leaf of ``shape``."""
-    return self.counts(math.prod(self.layer_shape(shape)))
+    """``(|A|, |B|)`` of each layer of a leaf of ``shape`` (whole groups or blocks)."""
+    layer = self.layer_shape(shape)
+    if isinstance(self.structure, NM):
+      groups = math.prod(layer) // self.structure.m
+      return self.group_counts()[0] * groups, self.group_counts()[1] * groups
+    if isinstance(self.structure, Blocks):
+      block = self.structure.rows * self.structure.cols
+      return tuple(block * k for k in self.counts(self.structure.count(layer)))
+    return self.counts(math.prod(layer))
+
+  def group_counts(self) -> tuple[int, int]:
+    """N:M: ``(n, n_B)``, the weights A and B keep of each group."""
+    return self.structure.keep(self.forward_density), self.structure.keep(self.backward_density)
+
+  def block_counts(self, shape) -> tuple[int, int]:
+    """Blocks: ``(|A|, |B|)`` in blocks, per layer."""
+    return self.counts(self.structure.count(self.layer_shape(shape)))
 
   def total_counts(self, shape) -> tuple[int, int]:
     """``(|A|, |B|)`` over the whole leaf: the per-layer counts times the number of layers."""
     layers = math.prod(tuple(shape)[: self.layer_axes])
     return tuple(layers * c for c in self.layer_counts(shape))
+
+
+class Structured(NamedTuple):
+  """A ``sparsity`` value selected with a structure (see `structured`)."""
+
+  structure: Structure
+  value: Any = True
+
+
+def structured(structure: Structure, value=True) -> Structured:
+  """A ``sparsity`` value (True, a float, a pair) for a leaf selected with ``structure``: an
+  `NM`, `Blocks`, or None for unstructured under a method's global ``structure``."""
+  if structure is not None and not isinstance(structure, (NM, Blocks)):
+    raise ValueError(f'structured(...) takes NM(...), Blocks(...) or None, got {structure!r}.')
+  if isinstance(value, (Structured, NM, Blocks)) or value is None or value is False:
+    raise ValueError(f'structured(structure, value): value must be sparse, got {value!r}.')
+  return Structured(structure, value)
 
 
 class Stacked(NamedTuple):
@@ -144,7 +187,7 @@ def check_step_count(name: str, value, least: int) -> None:
     raise ValueError(f'{name} must be in [{least}, 2**31) (an int32 step count), got {value}.')
 
 
-_Spec = bool | float | tuple[float, float] | Stacked
+_Spec = bool | float | tuple[float, float] | NM | Blocks | Structured | Stacked
 SparsitySpec = None | Mapping[str, _Spec] | Callable[[str, Any], _Spec]
 
 
@@ -163,10 +206,56 @@ def _explicit_value(value, path, forward, backward) -> LeafSparsity | None:
   else:
     raise ValueError(
       f'sparsity value for {path!r} must be True, False, a float, a (forward, backward) '
-      f'pair or stacked(...), got {value!r}.'
+      f'pair, NM(...), Blocks(...), structured(...) or stacked(...), got {value!r}.'
     )
   check_sparsities(f, b, where=repr(path))
   return LeafSparsity(float(f), float(b))
+
+
+def where_structure_fits(structure: Structure, sparsity: SparsitySpec = None) -> Callable:
+  """A ``sparsity`` callable: ``sparsity``'s value for each leaf (a mapping's first matching
+  regex, or a callable's result), and ``structure`` on each leaf left sparse at the global
+  sparsities that it tiles; the other sparse leaves stay unstructured, where a global
+  ``structure=`` would raise. (For N:M, pass forward_sparsity = 1 - n / m.)"""
+  if structure is not None and not isinstance(structure, (NM, Blocks)):
+    raise ValueError(f'structure must be NM(...) or Blocks(...), got {structure!r}.')
+
+  def value(path, leaf):
+    if isinstance(sparsity, Mapping):
+      v = next((v for r, v in sparsity.items() if re.search(r, path)), None)
+    else:
+      v = sparsity(path, leaf) if callable(sparsity) else None
+    if v is None:
+      v = jnp.ndim(leaf) >= 2 and jnp.size(leaf) > 0
+    if v is not True:
+      return v
+    try:
+      structure.check(path, jnp.shape(leaf))
+    except ValueError:
+      return True
+    return Structured(structure)
+
+  return value
+
+
+def _nm_value(value, structure: NM, path, forward, backward) -> LeafSparsity:
+  """An N:M leaf's sparsities: forward 1 - n / m; B's share per group from ``value`` (a pair)
+  or, for True, from the global backward-to-forward density ratio."""
+  fixed = 1.0 - structure.n / structure.m
+  if isinstance(value, tuple) and len(value) == 2 and abs(value[0] - fixed) < 1e-9:
+    b = value[1]
+  elif value is True:
+    ratio = (1.0 - backward) / (1.0 - forward)
+    b = max(0.0, 1.0 - min(1.0, (1.0 - fixed) * ratio))
+  else:
+    raise ValueError(
+      f'sparsity value for {path!r}: N:M {structure} fixes the forward sparsity at {fixed:g}, '
+      f'so its value must be True or a pair ({fixed:g}, backward), got {value!r}.'
+    )
+  check_sparsities(fixed, b, where=repr(path))
+  spec = LeafSparsity(fixed, 0.0, structure=structure)
+  kept = structure.keep(1.0 - b)
+  return dataclasses.replace(spec, backward=1.0 - kept / structure.m)
 
 
 def _erk_densities(shapes: list[tuple[int, ...]], sizes, density: float) -> list[float]:
@@ -215,15 +304,29 @@ def resolve_sparsities(
   backward_sparsity: float,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
+  structure: Structure = None,
 ):
   """Per-leaf sparsities as a pytree like ``params``: a `LeafSparsity` at each sparse leaf,
-  ``optax.MaskedNode()`` at dense ones.
+  ``optax.MaskedNode()`` at dense ones. ``structure`` is every sparse leaf's selection unless
+  its value sets one (see the module docstring).
 
   Raises:
     ValueError: for invalid sparsities, an unknown distribution, a regex that matches no leaf,
-      a non-floating leaf marked sparse, or a layer that would keep no weight.
+      a non-floating leaf marked sparse, a layer that would keep no weight, or a structure that
+      does not fit a leaf (or, for N:M, the forward sparsity).
   """
   check_sparsities(forward_sparsity, backward_sparsity)
+  if structure is not None and not isinstance(structure, (NM, Blocks)):
+    raise ValueError(f'structure must be None, NM(...) or Blocks(...), got {structure!r}.')
+  if isinstance(structure, NM):
+    if abs(forward_sparsity - (1.0 - structure.n / structure.m)) > 1e-9:
+      raise ValueError(
+        f'structure NM({structure.n}, {structure.m}) keeps {structure.n} of every '
+        f'{structure.m} weights: forward sparsity {1 - structure.n / structure.m:g}, but '
+        f'{forward_sparsity:g} was given. Pass forward_sparsity={1 - structure.n / structure.m:g}.'
+      )
+    if distribution != 'uniform':
+      raise ValueError("an N:M structure fixes every leaf's density: use distribution='uniform'.")
   if distribution not in ('uniform', 'erk'):
     raise ValueError(f"distribution must be 'uniform' or 'erk', got {distribution!r}.")
   if sparsity is not None and not callable(sparsity) and not isinstance(sparsity, Mapping):
@@ -247,10 +350,19 @@ def resolve_sparsities(
         shown = ', '.join(names[:20]) + (', ...' if len(names) > 20 else '')
         raise ValueError(f'sparsity override {regex!r} matches no parameter. Paths: {shown}.')
 
-  explicit, layer_axes = [], []
+  explicit, layer_axes, structures = [], [], []
   for name, (_, leaf) in zip(names, leaves_with_paths):
     value, axes = _chosen_value(sparsity, patterns, name, leaf)
-    resolved = _explicit_value(value, name, forward_sparsity, backward_sparsity)
+    chosen = structure
+    if isinstance(value, (NM, Blocks)):
+      chosen, value = value, True
+    elif isinstance(value, Structured):
+      chosen, value = value
+    dense_value = value is None or value is False or (not isinstance(value, tuple) and value == 0)
+    if isinstance(chosen, NM) and not dense_value:
+      resolved = _nm_value(value, chosen, name, forward_sparsity, backward_sparsity)
+    else:
+      resolved = _explicit_value(value, name, forward_sparsity, backward_sparsity)
     if (resolved is None or resolved.forward > 0) and not jnp.issubdtype(
       jnp.result_type(leaf), jnp.floating
     ):
@@ -260,6 +372,7 @@ def resolve_sparsities(
       )
     explicit.append(resolved)
     layer_axes.append(axes)
+    structures.append(chosen)
 
   shapes = [tuple(int(d) for d in np.shape(leaf)) for _, leaf in leaves_with_paths]
   default = [i for i, e in enumerate(explicit) if e is None]
@@ -274,11 +387,23 @@ def resolve_sparsities(
   ratio = (1.0 - backward_sparsity) / (1.0 - forward_sparsity)
   for i, d in zip(default, densities):
     result[i] = LeafSparsity(1.0 - d, max(0.0, 1.0 - min(1.0, d * ratio)))
-  result = [dataclasses.replace(r, layer_axes=a) for r, a in zip(result, layer_axes)]
-  for name, shape, r in zip(names, shapes, result):
+  result = [
+    dataclasses.replace(r, layer_axes=a, structure=c if r.forward > 0 else None)
+    for r, a, c in zip(result, layer_axes, structures)
+  ]
+  for i, (name, shape, r) in enumerate(zip(names, shapes, result)):
+    if r.structure is not None:
+      r.structure.check(name, r.layer_shape(shape))
+    if isinstance(r.structure, NM) and r.structure.axis >= 0:  # counted from the end: the
+      # same axis of a layer and of its stacked leaf
+      axis = r.structure.axis - len(r.layer_shape(shape))
+      result[i] = r = dataclasses.replace(r, structure=dataclasses.replace(r.structure, axis=axis))
     size = math.prod(r.layer_shape(shape))
-    if r.forward > 0 and r.counts(size)[0] == 0:
-      what = f'has layers of {size} entries' if r.layer_axes else f'has {size} entries'
+    if r.forward > 0 and r.layer_counts(shape)[0] == 0:
+      unit = 'entries'
+      if isinstance(r.structure, Blocks):
+        size, unit = r.structure.count(r.layer_shape(shape)), str(r.structure)
+      what = f'has layers of {size} {unit}' if r.layer_axes else f'has {size} {unit}'
       raise ValueError(
         f'parameter {name!r} {what}: at forward sparsity {r.forward:g} it would keep '
         f'round({r.forward_density:g} x {size}) = 0 weights and never train. Mark it dense '

@@ -9,6 +9,7 @@ respect to alpha, plus the exploration penalty, is applied to theta on B only.
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -19,6 +20,7 @@ from topkast_jax.sparsity import (
   check_step_count,
   resolve_sparsities,
 )
+from topkast_jax.structure import NM, Blocks, Structure
 from topkast_jax.topk import magnitude_keys, refreshed_masks
 
 
@@ -63,12 +65,21 @@ def warn_if_stale(forward_sparsity: float, backward_sparsity: float, update_ever
 
 
 def _top_masks(x, spec, thresholds=None):
-  """(A, B, thresholds) of one leaf: the top |A| and |B| of |x| in each of its layers, searched
-  from the last refresh's thresholds (`topk.refreshed_masks`)."""
-  counts = spec.layer_counts(x.shape)
-  masks, thresholds = refreshed_masks(
-    magnitude_keys(x), counts, thresholds, layer_axes=spec.layer_axes
-  )
+  """(A, B, thresholds) of one leaf: the top |A| and |B| of |x| in each of its layers (groups
+  or blocks, for a structured leaf), searched from the last refresh's thresholds
+  (`topk.refreshed_masks`)."""
+  keys, structure = magnitude_keys(x), spec.structure
+  if isinstance(structure, NM):  # a rank within each group: no search, nothing to keep
+    rank = structure.rank(keys)
+    unused = jnp.zeros((*x.shape[: spec.layer_axes], 2, 2), jnp.uint32)
+    return (*(rank < n for n in spec.group_counts()), unused)
+  if isinstance(structure, Blocks):
+    keys, counts = magnitude_keys(structure.scores(x)), spec.block_counts(x.shape)
+  else:
+    counts = spec.layer_counts(x.shape)
+  masks, thresholds = refreshed_masks(keys, counts, thresholds, layer_axes=spec.layer_axes)
+  if isinstance(structure, Blocks):
+    masks = tuple(structure.expand(m) for m in masks)
   return (*masks, thresholds)
 
 
@@ -81,6 +92,7 @@ def topkast(
   exploration_l2: float | jax.Array = 0.0,
   sparsity: SparsitySpec = None,
   distribution: str = 'uniform',
+  structure: Structure = None,
   reset_inner_state_on_exit: bool = False,
   compact_inner_state: bool = False,
   track_mask_changes: bool = False,
@@ -110,6 +122,10 @@ def topkast(
     exploration_l2: lambda of the exploration penalty; may be an array (inject_hyperparams).
     sparsity: which leaves are sparse and per-leaf overrides; see `topkast_jax.sparsity`.
     distribution: 'uniform' (the paper) or 'erk' allocation of the global density.
+    structure: ``NM(n, m)`` or ``Blocks(rows, cols)`` (`topkast_jax.structure`) for every sparse
+      leaf, or None (default): any entries. With N:M, A is the top n of each group of m and B
+      the top round((1 - backward_sparsity) m); forward_sparsity must be 1 - n / m. With
+      blocks, A and B are the top blocks by norm. Per leaf through ``sparsity``.
     reset_inner_state_on_exit: zero the wrapped optimizer's per-parameter state (momentum,
       moments) of a weight when it leaves B at a refresh. Default: keep it.
     compact_inner_state: keep the wrapped optimizer's state for the weights in B only, so it
@@ -142,7 +158,9 @@ def topkast(
       )
 
   def leaf_specs(params):
-    return resolve_sparsities(params, forward_sparsity, backward_sparsity, sparsity, distribution)
+    return resolve_sparsities(
+      params, forward_sparsity, backward_sparsity, sparsity, distribution, structure
+    )
 
   policy = engine.Policy(
     init=lambda i, x, spec: _top_masks(x, spec),
