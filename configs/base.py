@@ -20,6 +20,7 @@ def get_config():
       update_every=1,  # Top-KAST refresh interval: every step, as the paper
       exploration_l2=0.0,
       distribution='uniform',
+      structure='none',  # or N:M as 'n:m' (forward = 1 - n/m), blocks as 'RxC' (every method)
       # static, set, rigl, magnitude_pruning (RigL's reference defaults; fractions of training):
       mask_update_every=100,
       drop_fraction=0.3,  # set, rigl: share of the mask replaced, cosine-decayed to 0

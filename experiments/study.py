@@ -48,6 +48,7 @@ import topkast_jax  # noqa: E402
 from experiments.console import quiet_console  # noqa: E402
 from experiments.study_report import markdown, write_outputs  # noqa: E402
 from experiments.study_tasks import TASKS  # noqa: E402
+from topkast_jax import structure  # noqa: E402
 from topkast_jax.methods import METHODS  # noqa: E402
 
 _OUT = flags.DEFINE_string('out_dir', '/tmp/topkast_study', 'Where results go.')
@@ -107,15 +108,10 @@ RESULT_FLAGS = ('task', 'epochs', 'steps', 'batch_size', 'learning_rate', 'explo
 
 
 def parse_structure(text: str):
-  """'none', 'n:m' (N:M) or 'RxC' (blocks) as a structure (None for 'none')."""
   try:
-    if text == 'none':
-      return None
-    if ':' in text:
-      return topkast_jax.NM(*(int(v) for v in text.split(':')))
-    return topkast_jax.Blocks(*(int(v) for v in text.split('x')))
-  except (TypeError, ValueError) as e:
-    raise app.UsageError(f'--structures: {text!r} is not n:m or RxC ({e}).') from e
+    return structure.parse(text)
+  except ValueError as e:
+    raise app.UsageError(f'--structures: {e}') from e
 
 
 def optimizer(settings: dict, run: dict, total: int, task):
@@ -268,9 +264,9 @@ def structure_runs(settings: dict, method: str) -> list[dict]:
   unstructured at each sparsity a structure ran at."""
   runs, levels = [], []
   for text in settings['structures']:
-    structure = parse_structure(text)
-    level = (1 - structure.n / structure.m) if isinstance(structure, topkast_jax.NM) else None
-    level = settings['block_sparsity'] if level is None else level
+    chosen = parse_structure(text)
+    nm = isinstance(chosen, topkast_jax.NM)
+    level = 1 - chosen.n / chosen.m if nm else settings['block_sparsity']
     runs.append((text, level))
     levels.append(level)
   runs += [('none', level) for level in dict.fromkeys(levels)]

@@ -67,6 +67,37 @@ def markdown(table: list[dict], metric: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def structure_markdown(table: list[dict], metric: str) -> str:
+  """The structure study as one row per method: each structure beside unstructured at its
+  sparsity, mean +- std over seeds."""
+  percent = metric == 'test_accuracy'
+  scale, digits = (100, 2) if percent else (1, 4)
+  columns = []  # (structure, sparsity), unstructured first at each sparsity
+  for r in sorted(table, key=lambda r: (r['forward_sparsity'], r['structure'] != 'none')):
+    if r['method'] != 'dense' and (r['structure'], r['forward_sparsity']) not in columns:
+      columns.append((r['structure'], r['forward_sparsity']))
+  label = lambda c: f'unstructured {c[1]:g}' if c[0] == 'none' else f'{c[0]} ({c[1]:g})'  # noqa: E731
+  lines = [
+    '| method | ' + ' | '.join(label(c) for c in columns) + ' |',
+    '|---|' + '---|' * len(columns),
+  ]
+  cell = lambda r: (
+    f'{scale * r[metric + "_mean"]:.{digits}f} +- {scale * r[metric + "_std"]:.{digits}f}'
+  )  # noqa: E731
+  for method in dict.fromkeys(r['method'] for r in table):
+    rows = {(r['structure'], r['forward_sparsity']): r for r in table if r['method'] == method}
+    if method == 'dense':
+      lines.append(
+        f'| dense | {cell(next(iter(rows.values())))} (every sparsity) |'
+        + ' |' * (len(columns) - 1)
+      )
+      continue
+    lines.append(
+      f'| {method} | ' + ' | '.join(cell(rows[c]) if c in rows else '' for c in columns) + ' |'
+    )
+  return '\n'.join(lines) + '\n'
+
+
 def _metric_plot(
   table: list[dict], metric: str, x: str, groups: dict, path: str, styles=None, **axes
 ) -> None:
@@ -185,6 +216,8 @@ def write_outputs(out_dir: str, settings: dict, runs: list[dict], task, kept=())
     plot_refresh(table, task.metric, out('refresh_interval.png'))
   elif settings['study'] == 'structure':
     plot_structures(table, task.metric, task.title, out(f'{task.metric}_vs_structure.png'))
+    with atomic_file(out('structure_table.md')) as f:
+      f.write(structure_markdown(table, task.metric))
   else:
     plot_methods(table, task.metric, task.title, out(f'{task.metric}_vs_sparsity.png'))
     if any(r['method'] != 'dense' for r in runs):

@@ -25,7 +25,13 @@ def test_step_overhead_one_round():
 
 
 def test_mask_refresh_one_round():
-  out = run('mask_refresh.py', '--repeats=1', '--argsort-repeats=1', '--width-divisor=8')
+  out = run(
+    'mask_refresh.py',
+    '--repeats=1',
+    '--argsort-repeats=1',
+    '--width-divisor=8',
+    '--structured-kernels=4',
+  )
   assert 'masks differ' not in out  # the script checks its masks against numpy first
   assert len(ratios(out, 'ratio_vs_jnp_argsort')) == 1, out
   assert len(ratios(out, 'ratio_refresh_vs_one_pass')) == 1, out

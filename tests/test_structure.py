@@ -303,3 +303,60 @@ def test_structured_export_refuses_a_mask_without_the_structure():
     export.structured_arrays(params, tx.init(params), NM(2, 4))
   with pytest.raises(ValueError, match="mask of 'w' is not made of whole 4x4 blocks"):
     export.structured_arrays(params, tx.init(params), Blocks(4, 4))
+
+
+@pytest.mark.parametrize('structure', [NM(2, 4), Blocks(4, 2)], ids=str)
+def test_structured_compact_state_equals_reset_on_exit_bit_for_bit(structure):
+  """B's vectors have the structured count (2:4 with B 3:4: 3/4 of each kernel)."""
+  level = 0.5 if isinstance(structure, NM) else 0.75
+  kwargs = dict(forward_sparsity=level, backward_sparsity=level / 2, structure=structure)
+  reset = topkast(optax.adam(0.2), reset_inner_state_on_exit=True, **kwargs)
+  compact = topkast(optax.adam(0.2), compact_inner_state=True, **kwargs)
+  rng = np.random.default_rng(1)
+  params = {
+    'w1': jnp.asarray(rng.standard_normal((32, 16)), jnp.float32),
+    'w2': jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+  }
+
+  def make_step(tx):
+    def step(p, s, x):
+      updates, s = tx.update(jax.grad(mlp_loss)(sparse_params(p, s), x), s, p)
+      return optax.apply_updates(p, updates), s
+
+    return jax.jit(step)
+
+  runs = [(params, tx.init(params), make_step(tx)) for tx in (reset, compact)]
+  size_b = 32 * 16 * (3 / 4 if isinstance(structure, NM) else 0.5)
+  assert runs[1][1].inner_state[0].mu['w1'].size >= size_b  # B's slots (padded)
+  first_b = runs[1][1].backward_mask
+  for _ in range(5):
+    x = jnp.asarray(rng.standard_normal((8, 32)), jnp.float32)
+    runs = [(*step(p, s, x), step) for p, s, step in runs]
+    chex.assert_trees_all_equal(runs[0][0], runs[1][0])
+    chex.assert_trees_all_equal(runs[0][1].backward_mask, runs[1][1].backward_mask)
+  changed = jax.tree.map(lambda a, b: bool((a != b).any()), first_b, runs[1][1].backward_mask)
+  assert any(jax.tree.leaves(changed)), 'the test needs B to change'
+
+
+def test_the_driver_builds_every_method_with_a_structure_from_its_config():
+  """``config.sparsity.structure`` ('2:4', '4x4', 'none') reaches every method of the driver
+  (`training.methods.build`); a malformed one is a ValueError naming config.sparsity."""
+  import configs.resnet_fashion_mnist as base
+  from topkast_jax.training import methods as training_methods
+
+  params = {
+    'a': {'kernel': jnp.ones((16, 8))},
+    'b': {'kernel': jnp.ones((8, 4)), 'bias': jnp.ones(4)},
+  }
+  for method in ('topkast', 'static', 'rigl', 'set', 'magnitude_pruning', 'ste'):
+    config = base.get_config()
+    config.method, config.sparsity.structure = method, '2:4'
+    config.sparsity.forward, config.sparsity.backward = 0.5, 0.25
+    built = training_methods.build(config, 0.1, params, total_steps=1000)
+    forward = unpack_masks(find_sparse_state(built.tx.init(params)).forward_mask)
+    if method != 'magnitude_pruning':  # dense at init
+      assert (group_sums(np.asarray(forward['a']['kernel']), 4) == 2).all(), method
+  config = base.get_config()
+  config.sparsity.structure = '2by4'
+  with pytest.raises(ValueError, match=r"config.sparsity: structure '2by4' is not"):
+    training_methods.check(config)

@@ -99,6 +99,11 @@ def test_tiny_structure_study_on_images(tmp_path):
   assert len(table) == 6
   assert '| topkast | 1:8 (0.88) | 0.875 | 0.75 | 1 |' in (tmp_path / 'table.md').read_text()
   assert (tmp_path / 'test_accuracy_vs_structure.png').stat().st_size > 0
+  pivot = (tmp_path / 'structure_table.md').read_text().splitlines()
+  assert pivot[0] == (
+    '| method | unstructured 0.5 | 2:4 (0.5) | unstructured 0.875 | 1:8 (0.875) | 4x2 (0.875) |'
+  )
+  assert pivot[3].startswith('| topkast | ') and pivot[3].count(' +- ') == 5
 
 
 @needs_fashion_mnist

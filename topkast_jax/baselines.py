@@ -14,7 +14,10 @@ a method only says how its masks start and change. Masks hold exact counts per l
 (`topkast_jax.topk`, ties to the lowest index). A grown weight starts at exactly zero with
 zeroed optimizer state. Updates are counted from 1; an update's mask change uses the params
 after that update. ``compact_inner_state`` (as for `topkast`) is offered where the number of
-trained weights is fixed: static, SET and RigL.
+trained weights is fixed: static, SET and RigL. Every method takes ``structure`` (N:M or
+blocks, `topkast_jax.structure`): SET and RigL then regrow inside each group what it lost, or
+whole blocks; magnitude pruning follows its schedule over n (the weights a group keeps) or
+over blocks.
 """
 
 import math
@@ -149,8 +152,9 @@ def static_sparse(
   changed.
 
   The network runs on ``sparse_params(params, state)``: zero outside the mask from step 0;
-  those weights never move. ``sparsity``, ``distribution``, ``compact_inner_state`` and
-  ``track_mask_changes`` as for `topkast`.
+  those weights never move. ``sparsity``, ``distribution``, ``structure`` (a random n of each
+  group, or random blocks), ``compact_inner_state`` and ``track_mask_changes`` as for
+  `topkast`.
   """
   _check_common('static_sparse', inner, sparsity_level, distribution, seed)
   return _masked(

@@ -36,7 +36,8 @@ class SparseState(NamedTuple):
   entered_from_c: optax.Params | None
   forward_change: optax.Params | None
   # Top-KAST (else None): uint32 per sparse leaf, [*layer axes, 2, 2]: A's and B's thresholds
-  # found at the last mask change and the one before, where the next search starts.
+  # found at the last mask change and the one before, where the next search starts (zeros for
+  # an N:M leaf, whose selection is a rank inside each group).
   thresholds: optax.Params | None
   inner_state: optax.OptState  # the wrapped optimizer's state (EmptyState without one)
 

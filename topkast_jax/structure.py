@@ -71,7 +71,7 @@ class NM:
       )
 
   def keep(self, density: float) -> int:
-    """Weights kept per group at ``density`` (rounding half up, at least n... m)."""
+    """Weights a group keeps at ``density``: round(density * m), half up, in [1, m]."""
     return min(self.m, max(1, math.floor(density * self.m + 0.5 + 1e-9)))
 
   def _grouped(self, x):
@@ -175,3 +175,16 @@ class Blocks:
 
 
 Structure = NM | Blocks | None
+
+
+def parse(text: str) -> Structure:
+  """A structure from text: ``'none'``, ``'n:m'`` (`NM`, along axis -2) or ``'RxC'``
+  (`Blocks`); ValueError for anything else."""
+  try:
+    if text == 'none':
+      return None
+    if ':' in text:
+      return NM(*(int(v) for v in text.split(':')))
+    return Blocks(*(int(v) for v in text.split('x')))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"structure {text!r} is not 'none', 'n:m' (N:M) or 'RxC' (blocks): {e}") from e

@@ -2,7 +2,7 @@
 
 Every method reads its hyper-parameters from ``config.sparsity``: ``forward`` (the target
 forward sparsity) and ``distribution`` for all; ``backward``, ``update_every`` and
-``exploration_l2`` for Top-KAST; ``mask_update_every``, ``drop_fraction``, ``begin_fraction``
+``exploration_l2`` for Top-KAST; ``structure`` (``'none'``, ``'n:m'`` or ``'RxC'``) for all; ``mask_update_every``, ``drop_fraction``, ``begin_fraction``
 and ``end_fraction`` (shares of the run's steps) for the baselines.
 """
 
@@ -14,6 +14,7 @@ import optax
 import topkast_jax
 from topkast_jax.methods import by_name
 from topkast_jax.sparsity import is_dense
+from topkast_jax.structure import parse
 
 
 class Method(NamedTuple):
@@ -55,6 +56,7 @@ def _wrap(config, inner, total_steps: int, overrides):
     end_step=end_step,
     sparsity=overrides,
     distribution=s.distribution,
+    structure=parse(s.structure),
     seed=config.seed,
     track_mask_changes=True,  # logged as sparsity/forward_change and sparsity/entered_from_c
   )
@@ -81,7 +83,7 @@ def build(config, schedule, params, total_steps: int, sparsity_overrides=None) -
   decay_mask = jax.tree.map(lambda x: x.ndim >= 2, params)
   if config.method == 'topkast':
     specs = topkast_jax.resolve_sparsities(
-      params, s.forward, s.backward, sparsity_overrides, s.distribution
+      params, s.forward, s.backward, sparsity_overrides, s.distribution, parse(s.structure)
     )
     decay_mask = jax.tree.map(lambda x, spec: x.ndim >= 2 and is_dense(spec), params, specs)
   tx = _inner(config, schedule)

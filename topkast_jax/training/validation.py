@@ -36,7 +36,7 @@ TRANSFORMER_XL = set(
 MODELS = dict.fromkeys(classification.RESNETS, RESNET)
 MODELS['transformer_xl'] = TRANSFORMER_XL
 SPARSITY = set(
-  'forward backward update_every exploration_l2 distribution mask_update_every drop_fraction '
+  'forward backward update_every exploration_l2 distribution structure mask_update_every drop_fraction '
   'begin_fraction end_fraction'.split()
 )
 OPTIMIZERS = {
