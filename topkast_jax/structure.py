@@ -47,8 +47,8 @@ class NM:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f'NM.{name} must be a Python int, got {value!r}.')
-    if not 1 <= self.n < self.m:
-      raise ValueError(f'NM needs 1 <= n < m, got {self.n}:{self.m}.')
+    if not 1 <= self.n < self.m <= 256:
+      raise ValueError(f'NM needs 1 <= n < m <= 256, got {self.n}:{self.m}.')
 
   def __str__(self):
     return f'{self.n}:{self.m}'
