@@ -82,10 +82,10 @@ class LeafSparsity:
     layer = self.layer_shape(shape)
     if isinstance(self.structure, NM):
       groups = math.prod(layer) // self.structure.m
-      return self.group_counts()[0] * groups, self.group_counts()[1] * groups
+      return tuple(n * groups for n in self.group_counts())
     if isinstance(self.structure, Blocks):
       block = self.structure.rows * self.structure.cols
-      return tuple(block * k for k in self.counts(self.structure.count(layer)))
+      return tuple(block * k for k in self.block_counts(shape))
     return self.counts(math.prod(layer))
 
   def group_counts(self) -> tuple[int, int]:
@@ -191,6 +191,13 @@ _Spec = bool | float | tuple[float, float] | NM | Blocks | Structured | Stacked
 SparsitySpec = None | Mapping[str, _Spec] | Callable[[str, Any], _Spec]
 
 
+def _backward_sparsity_at(density: float, forward: float, backward: float) -> float:
+  """The backward sparsity of a leaf at forward ``density`` that keeps the global ratio of
+  backward to forward density (capped at every weight)."""
+  ratio = (1.0 - backward) / (1.0 - forward)
+  return max(0.0, 1.0 - min(1.0, density * ratio))
+
+
 def _explicit_value(value, path, forward, backward) -> LeafSparsity | None:
   """A user's per-leaf value as a LeafSparsity (None: dense; True: left to the distribution)."""
   if value is True:
@@ -201,8 +208,7 @@ def _explicit_value(value, path, forward, backward) -> LeafSparsity | None:
     f, b = value
   elif isinstance(value, (int, float, np.floating, np.integer)):
     f = float(value)
-    ratio = (1.0 - backward) / (1.0 - forward)
-    b = max(0.0, 1.0 - min(1.0, (1.0 - f) * ratio))
+    b = _backward_sparsity_at(1.0 - f, forward, backward)
   else:
     raise ValueError(
       f'sparsity value for {path!r} must be True, False, a float, a (forward, backward) '
@@ -245,17 +251,14 @@ def _nm_value(value, structure: NM, path, forward, backward) -> LeafSparsity:
   if isinstance(value, tuple) and len(value) == 2 and abs(value[0] - fixed) < 1e-9:
     b = value[1]
   elif value is True:
-    ratio = (1.0 - backward) / (1.0 - forward)
-    b = max(0.0, 1.0 - min(1.0, (1.0 - fixed) * ratio))
+    b = _backward_sparsity_at(1.0 - fixed, forward, backward)
   else:
     raise ValueError(
       f'sparsity value for {path!r}: N:M {structure} fixes the forward sparsity at {fixed:g}, '
       f'so its value must be True or a pair ({fixed:g}, backward), got {value!r}.'
     )
   check_sparsities(fixed, b, where=repr(path))
-  spec = LeafSparsity(fixed, 0.0, structure=structure)
-  kept = structure.keep(1.0 - b)
-  return dataclasses.replace(spec, backward=1.0 - kept / structure.m)
+  return LeafSparsity(fixed, 1.0 - structure.keep(1.0 - b) / structure.m, structure=structure)
 
 
 def _erk_densities(shapes: list[tuple[int, ...]], sizes, density: float) -> list[float]:
@@ -384,9 +387,8 @@ def resolve_sparsities(
     densities = _erk_densities(
       layers, [math.prod(shapes[i]) for i in default], 1.0 - forward_sparsity
     )
-  ratio = (1.0 - backward_sparsity) / (1.0 - forward_sparsity)
   for i, d in zip(default, densities):
-    result[i] = LeafSparsity(1.0 - d, max(0.0, 1.0 - min(1.0, d * ratio)))
+    result[i] = LeafSparsity(1.0 - d, _backward_sparsity_at(d, forward_sparsity, backward_sparsity))
   result = [
     dataclasses.replace(r, layer_axes=a, structure=c if r.forward > 0 else None)
     for r, a, c in zip(result, layer_axes, structures)
