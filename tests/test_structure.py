@@ -27,6 +27,7 @@ from topkast_jax import (
   structured,
   topkast,
   unpack_masks,
+  where_structure_fits,
 )
 
 
@@ -218,7 +219,12 @@ def test_a_structure_that_does_not_fit_is_an_error_naming_the_leaf(kwargs, messa
 
 
 def test_invalid_structures_are_refused():
-  for make, message in [(lambda: NM(4, 4), 'n < m'), (lambda: Blocks(1, 1), 'unstructured')]:
+  cases = [
+    (lambda: NM(4, 4), 'n < m'),
+    (lambda: Blocks(1, 1), 'unstructured'),
+    (lambda: where_structure_fits(None), r'must be NM\(...\) or Blocks'),  # nothing to fit
+  ]
+  for make, message in cases:
     with pytest.raises(ValueError, match=message):
       make()
 

@@ -21,7 +21,7 @@ from topkast_jax import bitmask, hardware_formats
 from topkast_jax.atomic import atomic_file
 from topkast_jax.sparsity import path_name
 from topkast_jax.states import find_sparse_state, is_masked, matched_masks
-from topkast_jax.structure import NM, Blocks, Structure
+from topkast_jax.structure import NM, Blocks, Structure, require
 
 
 def _is_bcoo(x) -> bool:
@@ -96,8 +96,7 @@ def structured_arrays(params, opt_state, structure: Structure) -> dict[str, np.n
   Raises:
     ValueError: if a sparse leaf's mask does not have ``structure`` (naming the leaf).
   """
-  if not isinstance(structure, (NM, Blocks)):
-    raise ValueError(f'structure must be NM(...) or Blocks(...), got {structure!r}.')
+  require(structure, optional=False)
   forward, _ = matched_masks(params, find_sparse_state(opt_state))
   arrays = {}
   for (path, leaf), mask in zip(

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from topkast_jax.structure import NM, Blocks, Structure
+from topkast_jax.structure import NM, Blocks, Structure, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +112,7 @@ class Structured(NamedTuple):
 def structured(structure: Structure, value=True) -> Structured:
   """A ``sparsity`` value (True, a float, a pair) for a leaf selected with ``structure``: an
   `NM`, `Blocks`, or None for unstructured under a method's global ``structure``."""
-  if structure is not None and not isinstance(structure, (NM, Blocks)):
-    raise ValueError(f'structured(...) takes NM(...), Blocks(...) or None, got {structure!r}.')
+  require(structure)
   if isinstance(value, (Structured, NM, Blocks)) or value is None or value is False:
     raise ValueError(f'structured(structure, value): value must be sparse, got {value!r}.')
   return Structured(structure, value)
@@ -223,8 +222,7 @@ def where_structure_fits(structure: Structure, sparsity: SparsitySpec = None) ->
   regex, or a callable's result), and ``structure`` on each leaf left sparse at the global
   sparsities that it tiles; the other sparse leaves stay unstructured, where a global
   ``structure=`` would raise. (For N:M, pass forward_sparsity = 1 - n / m.)"""
-  if structure is not None and not isinstance(structure, (NM, Blocks)):
-    raise ValueError(f'structure must be NM(...) or Blocks(...), got {structure!r}.')
+  require(structure, optional=False)  # None has nothing to fit
 
   def value(path, leaf):
     if isinstance(sparsity, Mapping):
@@ -319,9 +317,7 @@ def resolve_sparsities(
       does not fit a leaf (or, for N:M, the forward sparsity).
   """
   check_sparsities(forward_sparsity, backward_sparsity)
-  if structure is not None and not isinstance(structure, (NM, Blocks)):
-    raise ValueError(f'structure must be None, NM(...) or Blocks(...), got {structure!r}.')
-  if isinstance(structure, NM):
+  if isinstance(require(structure), NM):
     if abs(forward_sparsity - (1.0 - structure.n / structure.m)) > 1e-9:
       raise ValueError(
         f'structure NM({structure.n}, {structure.m}) keeps {structure.n} of every '

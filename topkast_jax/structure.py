@@ -177,6 +177,15 @@ class Blocks:
 Structure = NM | Blocks | None
 
 
+def require(structure, optional: bool = True) -> Structure:
+  """``structure`` itself; ValueError unless it is an `NM`, `Blocks` (or, if ``optional``,
+  None)."""
+  if isinstance(structure, (NM, Blocks)) or (optional and structure is None):
+    return structure
+  allowed = 'None, NM(...) or Blocks(...)' if optional else 'NM(...) or Blocks(...)'
+  raise ValueError(f'structure must be {allowed}, got {structure!r}.')
+
+
 def parse(text: str) -> Structure:
   """A structure from text: ``'none'``, ``'n:m'`` (`NM`, along axis -2) or ``'RxC'``
   (`Blocks`); ValueError for anything else."""
