@@ -30,7 +30,7 @@ def test_mask_refresh_one_round():
     '--repeats=1',
     '--argsort-repeats=1',
     '--width-divisor=8',
-    '--structured-kernels=4',
+    '--kernels=6',
   )
   assert 'masks differ' not in out  # the script checks its masks against numpy first
   assert len(ratios(out, 'ratio_vs_jnp_argsort')) == 1, out

@@ -252,7 +252,10 @@ def refreshed_masks(keys: jax.Array, ks, thresholds=None, *, layer_axes=0, max_p
 
   Weights move little between refreshes, so a few count passes near the last thresholds
   usually find the new ones; a leaf that is not settled after ``max_probes`` probes in every
-  layer falls back to `kth_largest_keys`.
+  layer falls back to the full search. That search (and the first, without thresholds) is
+  `kth_largest_keys`' bisection: it compiles in about half the time of the radix search
+  (ResNet-50's init: 12 s against 21 s on CPU) and runs slower (1.1 s against 0.3 s), but
+  runs rarely: 28 of 5616 searches fell back in two epochs of the quickstart.
 
   Args:
     keys: as for `top_keys_masks`.
@@ -274,7 +277,7 @@ def refreshed_masks(keys: jax.Array, ks, thresholds=None, *, layer_axes=0, max_p
   counts = [ks[j] for j in searched]
 
   def full(keys):
-    return _per_layer(lambda x: kth_largest_keys(x, counts), layer_axes)(keys)
+    return _per_layer(lambda x: kth_largest_keys(x, counts, 'bisection'), layer_axes)(keys)
 
   def near(keys, last, before):
     def layer(x, last, before):
