@@ -2,6 +2,7 @@
 tensor-parallel layouts, explicit and automatic meshes, equal to the unsharded run; the mask
 change's compiled HLO has no all-gather of a kernel; optax's state tools work on the state."""
 
+import functools
 import re
 
 import chex
@@ -123,16 +124,25 @@ def make_step(tx):
   return step
 
 
+@functools.cache
+def unsharded_training(method, compact):
+  """The batches, and params and state after a step on each on one device (shared by the four
+  layouts)."""
+  tx = make_tx(compact, method)
+  data = jax.random.normal(jax.random.key(3), (3, *SHAPE))
+  params, state, step = init_params(), tx.init(init_params()), jax.jit(make_step(tx))
+  for x in data:
+    params, state = step(params, state, x)
+  return data, params, state
+
+
 @pytest.mark.parametrize('method,compact', CASES, ids=[f'{m}-{int(c)}' for m, c in CASES])
 @pytest.mark.parametrize('kind', ['explicit', 'auto'])
 @pytest.mark.parametrize('layout', list(LAYOUTS))
 def test_sharded_training_equals_unsharded(layout, kind, method, compact):
   tx = make_tx(compact, method)
-  step = make_step(tx)
-  data = jax.random.normal(jax.random.key(3), (3, *SHAPE))
-  params, state, step = init_params(), tx.init(init_params()), jax.jit(step)
-  for x in data:
-    params, state = step(params, state, x)
+  step = jax.jit(make_step(tx))
+  data, params, state = unsharded_training(method, compact)
   mesh = mesh_of(kind)
   with jax.set_mesh(mesh):
     sharded = put(init_params(), mesh, kernel_spec(layout))
