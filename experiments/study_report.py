@@ -103,7 +103,8 @@ def _metric_plot(
 ) -> None:
   """Mean +- std of ``metric`` against ``x`` per group of rows (``styles``: matplotlib keywords
   per group), dense as a dashed line."""
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  outside = len(groups) > 8  # a legend that would cover the lines goes to the right
+  fig, ax = plt.subplots(figsize=(9 if outside else 6.4, 4.2))
   scale = 100 if metric == 'test_accuracy' else 1
   for r in table:
     if r['method'] == 'dense':
@@ -120,7 +121,7 @@ def _metric_plot(
     )
   ax.set(ylabel='test accuracy (%)' if scale == 100 else 'test bits per character', **axes)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, **(dict(loc='center left', bbox_to_anchor=(1.01, 0.5)) if outside else {}))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
