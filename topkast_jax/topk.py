@@ -252,11 +252,10 @@ def refreshed_masks(keys: jax.Array, ks, thresholds=None, *, layer_axes=0, max_p
 
   Weights move little between refreshes, so a few count passes near the last thresholds
   usually find the new ones; a leaf that is not settled after ``max_probes`` probes in every
-  layer falls back to the full search. That search (and the first, without thresholds) is
-  `kth_largest_keys`' bisection: it compiles in 0.6-0.7x the radix search's time (ResNet-50 on
-  CPU: init 17.6 s against 30.4 s, update 31.5 s against 43.4 s, both on a loaded machine) and
-  runs slower (init 0.52 s against 0.34 s), but it runs once or rarely: 28 of 5616 searches
-  fell back in two epochs of the quickstart.
+  layer falls back to `kth_largest_keys`. The first search (no thresholds) runs once and is the
+  bisection: it compiles in 0.6x the radix select's time (ResNet-50's init on a loaded CPU:
+  17.6 s against 30.4 s) and runs in 0.52 s against 0.34 s. (As the fallback too it slowed the
+  ResNet demo's early steps, where weights move fast, by about 20%.)
 
   Args:
     keys: as for `top_keys_masks`.
@@ -277,8 +276,8 @@ def refreshed_masks(keys: jax.Array, ks, thresholds=None, *, layer_axes=0, max_p
   searched = [j for j, k in enumerate(ks) if 0 < k < n]  # 0 and n need no search
   counts = [ks[j] for j in searched]
 
-  def full(keys):
-    return _per_layer(lambda x: kth_largest_keys(x, counts, 'bisection'), layer_axes)(keys)
+  def full(keys, method='auto'):
+    return _per_layer(lambda x: kth_largest_keys(x, counts, method), layer_axes)(keys)
 
   def near(keys, last, before):
     def layer(x, last, before):
@@ -297,8 +296,8 @@ def refreshed_masks(keys: jax.Array, ks, thresholds=None, *, layer_axes=0, max_p
       found, at_or_above = jax.lax.cond(
         jnp.all(settled), lambda: (found, at_or_above), lambda: full(keys)
       )
-    else:
-      found, at_or_above = full(keys)
+    else:  # once per run: the bisection, which compiles faster than the radix select
+      found, at_or_above = full(keys, 'bisection')
 
     def layer_masks(x, t, c):
       column = {j: i for i, j in enumerate(searched)}
