@@ -64,6 +64,21 @@ def data_dir(tmp_path_factory):
   return data_dir
 
 
+@pytest.fixture
+def one_block_resnets(monkeypatch):
+  """The driver's ResNets with one block per stage (each keeps its block kind, stem and four
+  stages): what the driver does with a ResNet does not depend on its depth, and compiling the
+  full depth took most of these tests' time (ResNet-50: 16 blocks)."""
+  import functools
+
+  from topkast_jax.training import classification
+
+  for name, model in list(classification.RESNETS.items()):
+    monkeypatch.setitem(
+      classification.RESNETS, name, functools.partial(model, stage_sizes=(1, 1, 1, 1))
+    )
+
+
 @pytest.fixture(autouse=True, scope='module')
 def _free_compiled_programs():
   """Drops each module's compiled programs when it ends (see the module docstring)."""

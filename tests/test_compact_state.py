@@ -84,6 +84,24 @@ def test_compact_equals_reset_on_exit_bit_for_bit(name, every):
     np.testing.assert_array_equal(b_slots(s_compact)[kernel]['kernel'], np.flatnonzero(b))
 
 
+def test_compact_updates_of_another_dtype_than_the_gradients():
+  """bfloat16 weights, Adam's first moment in float32: float32 updates, still equal to the
+  dense-state path (the compact update runs as a conditional's branch, whose other branch must
+  return the same types)."""
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(**DIMS))
+  reset, compact = make_pair(optax.adam(0.05, mu_dtype=jnp.float32), 1)
+  p_reset, s_reset = params, reset.init(params)
+  p_compact, s_compact = params, compact.init(params)
+  for batch in batches(3, 4, d_in=12, d_out=8):
+    grads = jax.grad(mlp_loss)(sparse_params(p_compact, s_compact), batch)
+    updates, s_compact = jax.jit(compact.update)(grads, s_compact, p_compact)
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+    p_compact = optax.apply_updates(p_compact, updates)
+    p_reset, s_reset = jax.jit(make_step(reset))(p_reset, s_reset, batch)
+    chex.assert_trees_all_equal(p_compact, p_reset)
+    chex.assert_trees_all_equal(s_compact.backward_mask, s_reset.backward_mask)
+
+
 BASELINES = {
   'static': lambda **kw: static_sparse(optax.adam(0.05), sparsity_level=0.7, **kw),
   'set': lambda **kw: set_sparse(

@@ -16,6 +16,7 @@ from topkast_jax.data import sources
 from topkast_jax.methods import METHODS
 from topkast_jax.training.train import train_and_evaluate
 
+pytestmark = pytest.mark.usefixtures('one_block_resnets')  # in-process runs; scripts run full depth
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

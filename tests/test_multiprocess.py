@@ -26,6 +26,7 @@ from topkast_jax.training.train import train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.usefixtures('one_block_resnets')
 def test_eight_devices_equal_one_device_on_the_same_global_batch(data_dir, tmp_path):
   assert jax.local_device_count() == 8
   params = []

@@ -18,6 +18,7 @@ from topkast_jax.training import lock as lock_lib
 from topkast_jax.training import validation
 from topkast_jax.training.train import train_and_evaluate
 
+pytestmark = pytest.mark.usefixtures('one_block_resnets')  # in-process runs; scripts run full depth
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ['resnet_fashion_mnist', 'transformer_xl_sotu']
 _FINISHED = {}

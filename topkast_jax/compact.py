@@ -4,8 +4,8 @@ Each sparse leaf is seen by the wrapped optimizer as a vector of its |B| weights
 (C-order) index order, padded to `length` (at most 1/64 more) so that it shards evenly over
 up to 1024 devices; padding slots hold the index ``size`` (past the leaf), read as zeros and
 never written. `index_of` finds B's indices from its mask as stored, `gather` takes B's
-weights out of a leaf, `scatter` puts updates back, and `move_state` carries the state of
-weights that stay in B to their new slots at a refresh (new ones start at zero).
+weights out of a leaf, `scatter` puts updates back (into `zeros`), and `move_state` carries
+the state of weights that stay in B to their new slots at a refresh (new ones start at zero).
 """
 
 import jax
@@ -121,23 +121,33 @@ def index_of(mask: jax.Array, size_b: int) -> jax.Array:
   return automatic_sharding.call(find, mask, spec, mask)
 
 
-def old_slots(mask: jax.Array, index: jax.Array) -> jax.Array:
-  """The slot in the old B (``mask`` as stored) of each weight at ``index``, -1 if it was not
-  in it (padding included)."""
+def ranks(mask: jax.Array) -> jax.Array:
+  """What `old_slots` reads of a mask as stored: set bits before each byte (packed) or each
+  weight's slot (bool), shaped like the mask."""
   if mask.dtype != jnp.uint8:
-    return _gather_leaf(_place_of_bools(mask), index, fill=-1)
+    return _place_of_bools(mask)
+  spec = automatic_sharding.spec_of(mask)
+  return automatic_sharding.call(_bits_before, mask, spec, mask)
 
-  def find(bits, index):
+
+def old_slots(mask: jax.Array, index: jax.Array, rank: jax.Array | None = None) -> jax.Array:
+  """The slot in the old B (``mask`` as stored, its `ranks` as ``rank`` if at hand) of each
+  weight at ``index``, -1 if it was not in it (padding included)."""
+  rank = ranks(mask) if rank is None else rank
+  if mask.dtype != jnp.uint8:
+    return _gather_leaf(rank, index, fill=-1)
+
+  def find(bits, index, before):
     *lead, last = _coordinates(index, bitmask.shape(bits))
     coords = (*lead, last // 8)
     byte = bits.at[coords].get(mode='fill', fill_value=0)
     bit = (last % 8).astype(jnp.uint8)
     below = jax.lax.population_count(byte & ((jnp.uint8(1) << bit) - 1)).astype(jnp.int32)
-    rank = _bits_before(bits).at[coords].get(mode='fill', fill_value=0) + below
+    rank = before.at[coords].get(mode='fill', fill_value=0) + below
     return jnp.where((byte >> bit) & 1 == 1, rank, -1)
 
   spec = automatic_sharding.vector_spec(mask, index.shape[0])
-  return automatic_sharding.call(find, mask, spec, mask, index)
+  return automatic_sharding.call(find, mask, spec, mask, index, rank)
 
 
 def _gather_leaf(x, index, fill=0):
@@ -162,12 +172,13 @@ def _gather_mask_leaf(mask, index):
   return automatic_sharding.call(take, mask, spec, mask, index)
 
 
-def _scatter_leaf(vector, index, like):
-  def put(vector, index):
-    coords = _coordinates(index, like.shape)
-    return jnp.zeros(like.shape, vector.dtype).at[coords].set(vector, mode='drop')
+def _scatter_leaf(vector, index, base):
+  def put(vector, index, base):
+    coords = _coordinates(index, base.shape)
+    return base.astype(vector.dtype).at[coords].set(vector, mode='drop')
 
-  return automatic_sharding.call(put, like, automatic_sharding.spec_of(like), vector, index)
+  spec = automatic_sharding.spec_of(base)
+  return automatic_sharding.call(put, base, spec, vector, index, base)
 
 
 def gather(tree, index):
@@ -180,21 +191,29 @@ def gather_masks(masks, index):
   return jax.tree.map(lambda m, i: m if is_masked(i) else _gather_mask_leaf(m, i), masks, index)
 
 
-def scatter(vectors, index, like):
-  """Leaves shaped like ``like``: zero except ``vectors`` at ``index`` (dense leaves as given)."""
+def zeros(index, like):
+  """Zeros shaped like each leaf of ``like`` at a sparse position (``index`` an array): where
+  `scatter` writes."""
+  return jax.tree.map(lambda x, i: i if is_masked(i) else jnp.zeros_like(x), like, index)
+
+
+def scatter(vectors, index, base):
+  """``base`` (from `zeros`) with ``vectors`` written at ``index`` (dense leaves: ``vectors``
+  as given)."""
   return jax.tree.map(
-    lambda v, i, x: v if is_masked(i) else _scatter_leaf(v, i, x), vectors, index, like
+    lambda v, i, b: v if is_masked(i) else _scatter_leaf(v, i, b), vectors, index, base
   )
 
 
-def move_state(inner, inner_state, old_masks, new_index):
-  """The compact inner state moved from the slots of B as ``old_masks`` (as stored) held it to
-  those of ``new_index``, per sparse leaf: a weight in both keeps its state, a new one gets
-  zeros."""
+def move_state(inner, inner_state, old_masks, new_index, old_ranks):
+  """The compact inner state moved from the slots of B as ``old_masks`` (as stored, with their
+  `ranks`) held it to those of ``new_index``, per sparse leaf: a weight in both keeps its
+  state, a new one gets zeros."""
   sources = jax.tree.map(
-    lambda m, new: None if is_masked(m) else old_slots(m, new),
+    lambda m, new, r: None if is_masked(m) else old_slots(m, new, r),
     old_masks,
     new_index,
+    old_ranks,
     is_leaf=is_masked,
   )
 

@@ -72,6 +72,24 @@ def _where_not_dense(fn, params, *masks):
   return jax.tree.map(lambda p, m, *r: p if is_dense(m) else fn(p, m, *r), params, *masks)
 
 
+def _once_gradients_exist(count, fn, grads, *operands):
+  """``fn(grads, *operands)``, scheduled after every gradient exists.
+
+  Left to itself, XLA's scheduler starts work that needs only the params and the state (the
+  compact path's B index from its bits and its gathers at B) before the forward pass and keeps
+  the results alive through the activations' peak. ``lax.optimization_barrier`` does not order
+  the schedule (XLA removes it before scheduling); a conditional cannot start before all its
+  operands exist. So ``fn`` runs as a conditional on a predicate XLA cannot fold
+  (``count >= 0``: always true; ``fn`` is traced once). ResNet-50 at 0.9 / 0.8, compact: the
+  step's peak 1586.5 -> 1312.2 MiB. (Under ``vmap`` over the state, both branches run.)
+
+  Only around work whose results are exact copies (indices, gathers, zeros): an optimizer's
+  arithmetic inside a branch would no longer fuse with the caller's ``apply_updates``, which
+  rounds differently (1 ulp) from the inner optimizer alone.
+  """
+  return jax.lax.cond(count >= 0, fn, fn, grads, *operands)
+
+
 def _index(backward_bits, specs):
   """B's sorted indices per sparse leaf (`compact.index_of`), from the stored masks."""
   return jax.tree.map(
@@ -180,22 +198,31 @@ def sparse_training(
     _check_gradients(grads, params)
     forward, backward = _unpacked(forward_bits), _unpacked(backward_bits)
     if compact_inner_state:  # the wrapped optimizer sees the vector of B's weights per leaf
-      index = _index(backward_bits, specs)
-      inner_params = compact.gather(params, index)
+
+      def at_b(grads, params, forward_bits, backward_bits):
+        index = _index(backward_bits, specs)
+        gathered = compact.gather(params, index), compact.gather(grads, index)
+        base = compact.zeros(index, params)  # where the updates are scattered
+        ranks = jax.tree.map(compact.ranks, backward_bits)  # for move_state
+        return index, *gathered, compact.gather_masks(forward_bits, index), base, ranks
+
+      index, inner_params, grads_at_b, forward_at_b, base, old_ranks = _once_gradients_exist(
+        state.count, at_b, grads, params, forward_bits, backward_bits
+      )
       _check_state_fits(state, inner, inner_params)
       # Every gathered weight is in B; kept as data (i >= 0), not a constant True, so that XLA
       # compiles the penalty gradient's arithmetic as on the dense path (bit-identical).
       in_b = jax.tree.map(lambda i: i if is_dense(i) else i >= 0, index, is_leaf=is_dense)
       restricted = regularizer.restrict_and_regularise(
-        compact.gather(grads, index),
+        grads_at_b,
         inner_params,
-        compact.gather_masks(forward_bits, index),
+        forward_at_b,
         in_b,
         specs,
         policy.exploration_l2,
       )
       updates, inner_state = inner.update(restricted, state.inner_state, inner_params, **extra_args)
-      updates = compact.scatter(updates, index, params)
+      updates = compact.scatter(updates, index, base)
     else:
       restricted = regularizer.restrict_and_regularise(
         grads, params, forward, backward, specs, policy.exploration_l2
@@ -248,7 +275,7 @@ def sparse_training(
     if policy.update is not None:  # the state of weights whose mask changed
       if compact_inner_state:
         new_index = _index(new_bits[1], specs)
-        inner_state = compact.move_state(inner, inner_state, backward_bits, new_index)
+        inner_state = compact.move_state(inner, inner_state, backward_bits, new_index, old_ranks)
       elif reset_inner_state_on_exit or policy.zero_entering:
         reset = _where_not_dense(
           lambda new, old: new & ~old if policy.zero_entering else old & ~new, new_b, backward
