@@ -85,9 +85,8 @@ def test_compact_equals_reset_on_exit_bit_for_bit(name, every):
 
 
 def test_compact_updates_of_another_dtype_than_the_gradients():
-  """bfloat16 weights, Adam's first moment in float32: float32 updates, still equal to the
-  dense-state path (the compact update runs as a conditional's branch, whose other branch must
-  return the same types)."""
+  """bfloat16 weights, Adam's first moment in float32: float32 updates (scattered into the
+  bfloat16 zeros made before the update, cast), still equal to the dense-state path."""
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(**DIMS))
   reset, compact = make_pair(optax.adam(0.05, mu_dtype=jnp.float32), 1)
   p_reset, s_reset = params, reset.init(params)
