@@ -66,17 +66,15 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def one_block_resnets(monkeypatch):
-  """The driver's ResNets with one block per stage (each keeps its block kind, stem and four
-  stages): what the driver does with a ResNet does not depend on its depth, and compiling the
-  full depth took most of these tests' time (ResNet-50: 16 blocks)."""
-  import functools
+  """The driver's ResNets with one block per stage: what the driver does with a ResNet does
+  not depend on its depth, and compiling the full depth took most of these tests' time
+  (ResNet-50: 16 blocks)."""
+  from one_block_main import one_block_resnets
 
   from topkast_jax.training import classification
 
-  for name, model in list(classification.RESNETS.items()):
-    monkeypatch.setitem(
-      classification.RESNETS, name, functools.partial(model, stage_sizes=(1, 1, 1, 1))
-    )
+  for name, model in one_block_resnets().items():
+    monkeypatch.setitem(classification.RESNETS, name, model)
 
 
 @pytest.fixture(autouse=True, scope='module')

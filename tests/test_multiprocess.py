@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 from experiment_utils import (
   TINY_TXL,
@@ -21,6 +22,7 @@ from experiment_utils import (
   xla_flags,
 )
 
+from topkast_jax.training import state as state_lib
 from topkast_jax.training.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +38,25 @@ def test_eight_devices_equal_one_device_on_the_same_global_batch(data_dir, tmp_p
     train_and_evaluate(config, str(tmp_path / f'devices_{devices}'))
     params.append(final_params(str(tmp_path / f'devices_{devices}')))
   assert_same(*params, exact=False)
+
+
+def test_a_step_on_the_replicated_state_is_traced_once():
+  """The driver's first step takes `replicate`'s arrays: laid out as the step's own outputs, so
+  the next steps reuse its program (from host copies, jax traced and compiled it again)."""
+  traces = []
+
+  def step(tree):
+    traces.append(1)
+    return jax.tree.map(lambda x: x + 1, tree)
+
+  p_step = state_lib.pmap(step, jax.devices(), donate_argnums=(0,))
+  tree = state_lib.replicate(
+    {'w': np.ones(3, np.float32), 'n': np.zeros((), np.int32)}, jax.devices()
+  )
+  for _ in range(3):
+    tree = p_step(tree)
+  assert len(traces) == 1
+  np.testing.assert_array_equal(tree['w'], np.full((8, 3), 4.0))
 
 
 def run_processes(commands, env, timeout=420):
@@ -70,7 +91,7 @@ def test_two_processes_equal_one_process(name, data_dir, tmp_path):
   the LM, each run's checkpoint then resumes in the other layout (memories split by process)."""
   base = [
     sys.executable,
-    os.path.join(ROOT, 'experiments', 'main.py'),
+    os.path.join(ROOT, 'tests', 'one_block_main.py'),  # the driver, ResNets of one block per stage
     '--config',
     os.path.join(ROOT, 'configs', f'{name}.py'),
     f'--config.data_dir={data_dir}',

@@ -193,7 +193,7 @@ def test_kill_9_during_training_then_resume(data_dir, tmp_path):
   """SIGKILL of the real program once checkpoints are being written; the rerun resumes."""
   command = [
     sys.executable,
-    os.path.join(ROOT, 'experiments', 'main.py'),
+    os.path.join(ROOT, 'tests', 'one_block_main.py'),  # the driver, ResNets of one block per stage
     '--config',
     os.path.join(ROOT, 'configs', 'resnet_fashion_mnist.py'),
     f'--config.data_dir={data_dir}',

@@ -67,9 +67,16 @@ def pmap(fn, devices, **kwargs):
   return jax.pmap(fn, axis_name=AXIS, devices=devices, **kwargs)
 
 
-def replicate(tree, num_devices: int):
-  """Copies of every leaf along a new leading device axis (host arrays, for pmap)."""
-  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))), tree)
+def replicate(tree, devices):
+  """Copies of every leaf along a new leading axis, on ``devices`` as `pmap` returns them.
+
+  A step first called on host arrays compiles again once its own outputs come back (jax keys
+  its programs on the inputs' shardings): two compiles of each train step, not one.
+  """
+  copies = jax.tree.map(
+    lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), tree
+  )
+  return pmap(lambda x: x, devices)(copies)
 
 
 def first_replica(tree):

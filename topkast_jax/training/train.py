@@ -85,7 +85,7 @@ def _train_and_evaluate(config, workdir: str, devices) -> dict:
       p_eval = state_lib.pmap(functools.partial(task.eval_step, sparse=method.sparse), devices)
       evaluate = lambda state, **kw: task.evaluate(p_eval, state, **kw)  # noqa: E731
       state, history, seconds = train(
-        config, task, method, schedule, state_lib.replicate(state, len(devices)), carry, start, evaluate,
+        config, task, method, schedule, state_lib.replicate(state, devices), carry, start, evaluate,
         logger, checkpointer,
       )  # fmt: skip
     finally:
