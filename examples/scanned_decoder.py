@@ -91,7 +91,6 @@ def main():
     logits = model.apply(params, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-  @jax.jit
   def train_step(params, opt_state, tokens):
     loss, grads = topkast_jax.sparse_value_and_grad(loss_fn)(params, opt_state, tokens)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -111,7 +110,11 @@ def main():
     lambda p, x: NamedSharding(mesh, fsdp_spec(p, x)), params
   )
   params = jax.device_put(params, shardings)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = tx.init(params)  # sharded like the params (Adam's moments too)
+  # The step returns params and state as it takes them: XLA would choose other layouts on an
+  # automatic mesh, and the second step would compile again for them.
+  state_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+  train_step = jax.jit(train_step, out_shardings=(shardings, state_shardings, None))
   start = time.perf_counter()
   for step in range(1, args.steps + 1):
     params, opt_state, loss = train_step(params, opt_state, batch(train, args.batch_size))

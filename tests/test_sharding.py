@@ -239,6 +239,26 @@ def test_state_shardings_follow_the_params_shardings():
   assert int(jnp.sum(used)) == round(0.1 * SHAPE[0] * SHAPE[1])
 
 
+@pytest.mark.parametrize('method,compact', [('topkast', False), ('topkast', True), ('set', True)])
+@pytest.mark.parametrize('layout', list(LAYOUTS))
+def test_init_on_an_automatic_mesh_shards_the_state_like_the_params(layout, method, compact):
+  """``tx.init`` on params sharded over automatic axes: the wrapped optimizer's moments are
+  sharded like their params (or B's vectors over the kernel's axes), as plain optax's eager init
+  keeps them, not replicated; the values equal the unsharded init."""
+  tx = make_tx(compact, method)
+  mesh = mesh_of('auto')
+  state = tx.init(put(init_params(), mesh, kernel_spec(layout)))
+  chex.assert_trees_all_equal(state, tx.init(init_params()))
+  mu = state.inner_state[0].mu
+
+  def sharded_as(x, spec):
+    return x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
+
+  assert sharded_as(mu['w'], P('x') if compact else LAYOUTS[layout])
+  assert sharded_as(state.forward_mask['w'], LAYOUTS[layout])
+  assert sharded_as(mu['b'], P()) and sharded_as(state.count, P())
+
+
 @pytest.mark.parametrize('method', ['topkast', 'rigl'])
 @pytest.mark.parametrize('spec', [P('x', None, None), P(None, 'x', None)], ids=['layers', 'rows'])
 def test_stacked_layers_sharded_equal_unsharded(spec, method):

@@ -64,3 +64,27 @@ def call(fn, like, out_specs, *args):
   if not axes:
     return fn(*args)
   return jax.sharding.auto_axes(fn, axes=axes, out_sharding=out_specs)(*args)
+
+
+def automatic_mesh(tree):
+  """The mesh of ``tree``'s leaves if all are concrete arrays sharded over one mesh of more
+  than one device whose axes are all automatic, else None."""
+  leaves = jax.tree.leaves(tree)
+  shardings = [getattr(x, 'sharding', None) for x in leaves if not isinstance(x, jax.core.Tracer)]
+  if not leaves or len(shardings) < len(leaves):
+    return None
+  if not all(isinstance(s, jax.sharding.NamedSharding) for s in shardings):
+    return None
+  mesh = shardings[0].mesh
+  if mesh.size < 2 or any(s.mesh != mesh for s in shardings):
+    return None
+  return mesh if all(k == jax.sharding.AxisType.Auto for k in mesh.axis_types) else None
+
+
+def with_explicit_axes(fn, mesh, args):
+  """``fn(*args)`` with ``mesh``'s axes explicit inside, each arg sharded as it is: results
+  take the shardings their types get (as under an explicit mesh), not XLA's choice."""
+  specs = jax.tree.map(lambda x: x.sharding.spec, args)
+  with jax.set_mesh(mesh):
+    inner = jax.sharding.explicit_axes(fn, axes=mesh.axis_names, in_sharding=specs)
+    return jax.jit(inner)(*args)
