@@ -139,12 +139,12 @@ def sparse_value_and_grad(loss_fn, has_aux: bool = False):
   expects. Differentiating at the dense ``params`` instead (a forgotten ``sparse_params``)
   silently trains a dense forward pass; this makes the right path the short one.
 
-  It also keeps the step's memory down: the sparse parameters are recomputed from ``params``
-  and the masks where the backward pass needs them (``jax.checkpoint``, everything else saved
-  as usual), instead of living as a second copy of every sparse leaf from the forward pass to
-  the backward one. The gradient is the same computation as ``jax.value_and_grad(loss_fn)``
-  at ``sparse_params(params, opt_state)``; XLA may associate some sums differently (equal bit
-  for bit on the benchmark MLP and ResNet, within 1e-7 relative on a Transformer-XL).
+  The loss runs under ``jax.checkpoint`` with a policy meant to recompute the sparse
+  parameters in the backward pass; in jax 0.10 that policy saves every value, so they are kept
+  from the forward pass (docs/guides/benchmarks.md, the step's peak memory). The gradient is
+  the same computation as ``jax.value_and_grad(loss_fn)`` at ``sparse_params(params,
+  opt_state)``; XLA may associate some sums differently (equal bit for bit on the benchmark
+  MLP and ResNet, within 1e-7 relative on a Transformer-XL).
   """
 
   def at_sparse_point(params, opt_state, *args, **kwargs):
