@@ -91,12 +91,13 @@ def test_compact_updates_of_another_dtype_than_the_gradients():
   reset, compact = make_pair(optax.adam(0.05, mu_dtype=jnp.float32), 1)
   p_reset, s_reset = params, reset.init(params)
   p_compact, s_compact = params, compact.init(params)
+  compact_update, reset_step = jax.jit(compact.update), jax.jit(make_step(reset))
   for batch in batches(3, 4, d_in=12, d_out=8):
     grads = jax.grad(mlp_loss)(sparse_params(p_compact, s_compact), batch)
-    updates, s_compact = jax.jit(compact.update)(grads, s_compact, p_compact)
+    updates, s_compact = compact_update(grads, s_compact, p_compact)
     assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
     p_compact = optax.apply_updates(p_compact, updates)
-    p_reset, s_reset = jax.jit(make_step(reset))(p_reset, s_reset, batch)
+    p_reset, s_reset = reset_step(p_reset, s_reset, batch)
     chex.assert_trees_all_equal(p_compact, p_reset)
     chex.assert_trees_all_equal(s_compact.backward_mask, s_reset.backward_mask)
 

@@ -11,6 +11,7 @@ shardings asked for. Without explicit axes it is a plain call.
 import math
 
 import jax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
@@ -70,13 +71,14 @@ def automatic_mesh(tree):
   """The mesh of ``tree``'s leaves if all are concrete arrays sharded over one mesh of more
   than one device whose axes are all automatic, else None."""
   leaves = jax.tree.leaves(tree)
-  shardings = [getattr(x, 'sharding', None) for x in leaves if not isinstance(x, jax.core.Tracer)]
-  if not leaves or len(shardings) < len(leaves):
+  if not leaves or any(
+    isinstance(x, jax.core.Tracer) or not isinstance(getattr(x, 'sharding', None), NamedSharding)
+    for x in leaves
+  ):
     return None
-  if not all(isinstance(s, jax.sharding.NamedSharding) for s in shardings):
-    return None
-  mesh = shardings[0].mesh
-  if mesh.size < 2 or any(s.mesh != mesh for s in shardings):
+  meshes = {x.sharding.mesh for x in leaves}
+  mesh = meshes.pop()
+  if meshes or mesh.size < 2:
     return None
   return mesh if all(k == jax.sharding.AxisType.Auto for k in mesh.axis_types) else None
 

@@ -212,7 +212,8 @@ def sparse_training(
         index = _index(backward_bits, specs)
         gathered = compact.gather(params, index), compact.gather(grads, index)
         base = compact.zeros(index, params)  # where the updates are scattered
-        ranks = jax.tree.map(compact.ranks, backward_bits)  # for move_state
+        moves = policy.update is not None  # the old B's ranks, for move_state
+        ranks = jax.tree.map(compact.ranks, backward_bits) if moves else None
         return index, *gathered, compact.gather_masks(forward_bits, index), base, ranks
 
       index, inner_params, grads_at_b, forward_at_b, base, old_ranks = _once_gradients_exist(
