@@ -275,18 +275,19 @@ def sparse_training(
 
     def change():
       last = (state.thresholds,) if policy.thresholds else ()
-      # Under the due conditional only: on an automatic mesh, conditionals around every
-      # step's refresh cost collectives (benchmarks/sharded_collectives.py: FSDP all-reduces
-      # 21 -> 58) for 0.4% of the Transformer-XL's Top-KAST peak.
+      # Under the due conditional only: around every step's refresh the conditionals cost
+      # collectives on an automatic mesh (benchmarks/sharded_collectives.py, FSDP: all-reduces
+      # 28 -> 58) for 0.4% of Top-KAST's peak (the Transformer-XL of 4 layers).
       in_turn = _one_leaf_at_a_time(count) if policy.due else lambda fn, *arrays: fn(*arrays)
+
+      def leaf_change(i, param, spec, *arrays):  # arrays: grad, A's and B's bits[, thresholds]
+        def masks(p, g, a, b, *t):
+          return policy.update(i, count, p, g, bitmask.unpack(a), bitmask.unpack(b), spec, *t)
+
+        return in_turn(masks, param, *arrays)
+
       new = _per_leaf(
-        lambda i, p, s, *xs: in_turn(
-          lambda p, g, a, b, *t: policy.update(
-            i, count, p, g, bitmask.unpack(a), bitmask.unpack(b), s, *t
-          ),
-          p,
-          *xs,
-        ),
+        leaf_change,
         after,
         specs,
         grads,
