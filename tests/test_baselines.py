@@ -307,7 +307,7 @@ def test_bad_input_at_init_and_update():
     tx.update(init_params(d_hidden=11), state, init_params(d_hidden=11))
 
 
-@pytest.mark.parametrize('method', ['set', 'rigl', 'magnitude_pruning', 'topkast'])
+@pytest.mark.parametrize('method', ['set', 'rigl', 'magnitude_pruning'])
 def test_a_mask_change_holds_one_leafs_temporaries_at_a_time(method):
   """XLA's memory analysis of the compiled, donated step: each leaf the model adds costs the
   step at most 3 leaves' bytes more than it costs dense Adam (the updates and the params after
@@ -318,7 +318,6 @@ def test_a_mask_change_holds_one_leafs_temporaries_at_a_time(method):
     'set': lambda: set_sparse(optax.adam(1e-3), sparsity_level=0.9, end_step=1000),
     'rigl': lambda: rigl(optax.adam(1e-3), sparsity_level=0.9, end_step=1000),
     'magnitude_pruning': lambda: magnitude_pruning(optax.adam(1e-3), sparsity_level=0.9, end_step=1000),
-    'topkast': lambda: topkast_jax.topkast(optax.adam(1e-3), forward_sparsity=0.9, backward_sparsity=0.8),
   }  # fmt: skip
 
   def temporaries_mib(tx, n_leaves):
@@ -333,6 +332,6 @@ def test_a_mask_change_holds_one_leafs_temporaries_at_a_time(method):
     return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
   excess = [
-    temporaries_mib(build[method](), n) - temporaries_mib(optax.adam(1e-3), n) for n in (2, 8)
+    temporaries_mib(build[method](), n) - temporaries_mib(optax.adam(1e-3), n) for n in (2, 6)
   ]
-  assert (excess[1] - excess[0]) / 6 <= 3 * leaf_mib, excess
+  assert (excess[1] - excess[0]) / 4 <= 3 * leaf_mib, excess
