@@ -12,7 +12,8 @@ Models, with their config's architecture, Adam, at forward / backward sparsity 0
 * ``resnet50``: ResNet-50 of ``configs/resnet50_imagenet.py`` (first conv and head dense),
   batch ``--resnet_batch`` of 224 x 224 images, BatchNorm in training mode;
 * ``txl_enwik8``: the 24-layer Transformer-XL of ``configs/transformer_xl_enwik8.py`` (attention
-  and feed-forward kernels sparse), ``--txl_batch`` rows of ``--txl_len`` bytes, memory as long;
+  and feed-forward kernels sparse), ``--txl_batch`` rows of ``--txl_len`` bytes, memory as long
+  (``--txl_layers``: fewer layers, compiled in seconds);
 * ``mlp``: the 784-512-512-10 MLP of ``step_overhead.py`` (batch 256): seconds to compile.
 
 Sparse steps differentiate through ``topkast_jax.sparse_value_and_grad`` (the library's path,
@@ -92,9 +93,10 @@ def resnet50(batch):
   return loss_fn, variables['params'], extra, (images, labels), models.resnet_sparsity()
 
 
-def txl_enwik8(batch, length):
+def txl_enwik8(batch, length, layers=0):
   config = transformer_xl_enwik8.get_config()
   fields = {**model_fields(config), 'mem_len': length, 'dropout': 0.0, 'dropatt': 0.0}
+  fields['n_layer'] = layers or fields['n_layer']
   model = models.TransformerXL(vocab_size=256, **fields)
   tokens = jax.ShapeDtypeStruct((batch, length + 1), jnp.int32)
   mems = tuple(
@@ -160,11 +162,12 @@ def main():
   parser.add_argument('--resnet_batch', type=int, default=8)
   parser.add_argument('--txl_batch', type=int, default=2)
   parser.add_argument('--txl_len', type=int, default=256)
+  parser.add_argument('--txl_layers', type=int, default=0, help="0: the config's 24")
   parser.add_argument('--out_dir', default='.')
   args = parser.parse_args()
   builders = {
     'resnet50': lambda: resnet50(args.resnet_batch),
-    'txl_enwik8': lambda: txl_enwik8(args.txl_batch, args.txl_len),
+    'txl_enwik8': lambda: txl_enwik8(args.txl_batch, args.txl_len, args.txl_layers),
     'mlp': mlp,
   }
   chosen, methods = args.models.split(','), args.methods.split(',')
