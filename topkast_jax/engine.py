@@ -278,7 +278,9 @@ def sparse_training(
       # Under the due conditional only: around every step's refresh the conditionals cost
       # collectives on an automatic mesh (benchmarks/sharded_collectives.py, FSDP: all-reduces
       # 28 -> 58) for 0.4% of Top-KAST's peak (the Transformer-XL of 4 layers).
-      in_turn = _one_leaf_at_a_time(count) if policy.due else lambda fn, *arrays: fn(*arrays)
+      in_turn = (
+        _one_leaf_at_a_time(count) if policy.due is not None else lambda fn, *arrays: fn(*arrays)
+      )
 
       def leaf_change(i, param, spec, *arrays):  # arrays: grad, A's and B's bits[, thresholds]
         def masks(p, g, a, b, *t):
