@@ -80,3 +80,40 @@ def test_step_memory_table(tmp_path):
     assert row['arguments_mib'] >= row['params_and_state_mib'] > 0  # the batch comes on top
   # The compact state holds Adam's moments for |B| = 20% of the sparse weights only.
   assert rows['topkast_compact']['params_and_state_mib'] < rows['topkast']['params_and_state_mib']
+
+
+def test_alpha_recompute_variants_take_the_same_gradient(capsys):
+  """The saved and the two recomputing variants compare one step: gradients equal, every line."""
+  import sys
+
+  import jax
+  import numpy as np
+  import optax
+
+  import topkast_jax
+
+  sys.path.insert(0, 'benchmarks')
+  import alpha_recompute
+
+  keys = jax.random.split(jax.random.key(0), 5)
+  params = [
+    (jax.random.normal(keys[2 * i], (16, 32)), jax.random.normal(keys[2 * i + 1], (32, 16)))
+    for i in range(2)
+  ]
+  x = jax.random.normal(keys[4], (4, 16))
+  tx = topkast_jax.topkast(optax.sgd(0.1), forward_sparsity=0.9, backward_sparsity=0.8)
+  state = tx.init(params)
+  saved = topkast_jax.sparse_value_and_grad(alpha_recompute.loss)(params, state, x)[1]
+  dense = jax.grad(alpha_recompute.loss)(params, x)
+  for loss in (
+    alpha_recompute.loss_recomputed_per_layer,
+    alpha_recompute.loss_recomputed_in_backward,
+  ):
+    got = jax.grad(loss)(params, state, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, saved)
+  assert not np.allclose(dense[0][0], saved[0][0])  # at the sparse point, not the dense one
+
+  alpha_recompute.main(['--layers=2', '--d=16', '--hidden=32', '--batch=4'])
+  out = capsys.readouterr().out
+  assert re.search(r'dense .* ratio_vs_dense=1\.000', out), out
+  assert len(ratios(out, 'ratio_vs_dense')) == 4, out
