@@ -17,7 +17,8 @@ Top-KAST refreshes its masks every step (the default) and, for comparison, every
 Structured, every step: 4 x 2 blocks at the model's sparsities (``topkast_blocks_4x2``), and
 N:M 2:4 with B 3:4 (``topkast_nm_2:4``) beside unstructured Top-KAST at the same 0.5 / 0.25
 (``topkast_0.5``); a leaf the structure does not tile (a conv with one input channel) stays
-unstructured.
+unstructured. After each model, the refresh on its own per sparse weight, next to one
+compare-and-count pass, and the count passes its threshold searches took per leaf (A, B).
 Random inputs: only the time is measured.
 
   python benchmarks/step_overhead.py [--rounds 5] [--models resnet,transformer_xl,cnn,mlp]
@@ -37,7 +38,7 @@ import optax
 import topkast_jax
 from topkast_jax import models
 from topkast_jax.sparsity import is_dense
-from topkast_jax.topk import magnitude_keys, refreshed_masks
+from topkast_jax.topk import _search_from, magnitude_keys, refreshed_masks
 
 
 class SmallCNN(nn.Module):
@@ -229,6 +230,20 @@ def refresh_per_weight(step, params, state, batch, sparse_kwargs, rounds, n):
     f'{per_weight["one_pass"]:.3f} ns/weight over the {weights:,} sparse weights: '
     f'ratio_refresh_vs_one_pass={seconds["refresh"] / seconds["one_pass"]:.3f}'
   )
+  print(f"  count passes of that refresh's searches, per leaf: {search_probes(sparse)}")
+
+
+def search_probes(sparse) -> str:
+  """Probes (one compare-and-count pass each) of the search from the last thresholds, per
+  unstacked leaf, for A and B; '+' marks a search that fell back to the full one."""
+  probes = {'A': [], 'B': []}
+  for x, t, s in sparse:
+    ks = s.layer_counts(x.shape)
+    for j, (name, k) in enumerate(zip(probes, ks)):
+      if s.layer_axes == 0 and 0 < k < x.size:
+        _, _, settled, n = _search_from(magnitude_keys(x), k, t[0, j], t[1, j], max_probes=16)
+        probes[name].append(f'{int(n)}{"" if settled else "+"}')
+  return ', '.join(f'{name} {"/".join(v)}' for name, v in probes.items())
 
 
 def benchmark(name, loss_fn, params, batch, optimizer, sparse_kwargs, rounds, seconds):
