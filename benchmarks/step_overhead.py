@@ -243,7 +243,7 @@ def search_probes(sparse) -> str:
       if s.layer_axes == 0 and 0 < k < x.size:
         _, _, settled, n = _search_from(magnitude_keys(x), k, t[0, j], t[1, j], max_probes=16)
         probes[name].append(f'{int(n)}{"" if settled else "+"}')
-  return ', '.join(f'{name} {"/".join(v)}' for name, v in probes.items())
+  return ', '.join(f'{name} {"/".join(v) or "none (no search)"}' for name, v in probes.items())
 
 
 def benchmark(name, loss_fn, params, batch, optimizer, sparse_kwargs, rounds, seconds):
