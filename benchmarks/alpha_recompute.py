@@ -24,33 +24,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from step_memory import memory_of
 
 import topkast_jax
 from topkast_jax import bitmask
 from topkast_jax.states import _masked, _zero_outside, find_sparse_state
 
-MIB = 2**20
 
-
-def layer(x, w_in, w_out):
-  return x + jax.nn.gelu(x @ w_in) @ w_out
+def layer(x, w_in, w_out, a_in=None, a_out=None, dot=lambda x, w, a: x @ w):
+  """A residual feed-forward layer; ``dot(x, w, a)`` is its matmul by a kernel and its mask."""
+  return x + dot(jax.nn.gelu(dot(x, w_in, a_in)), w_out, a_out)
 
 
 def loss(params, x):
   for w_in, w_out in params:
     x = layer(x, w_in, w_out)
-  return (x**2).mean()
-
-
-@jax.checkpoint  # keeps the layer's inputs (x, theta, A's bits), recomputes the rest
-def masked_layer(x, w_in, w_out, a_in, a_out):
-  return layer(x, _masked(w_in, a_in), _masked(w_out, a_out))
-
-
-def loss_recomputed_per_layer(params, opt_state, x):
-  masks = find_sparse_state(opt_state).forward_mask
-  for (w_in, w_out), (a_in, a_out) in zip(params, masks):
-    x = masked_layer(x, w_in, w_out, a_in, a_out)
   return (x**2).mean()
 
 
@@ -72,24 +60,22 @@ def _masked_matmul_bwd(residuals, g):
 masked_matmul.defvjp(_masked_matmul_fwd, _masked_matmul_bwd)
 
 
-def loss_recomputed_in_backward(params, opt_state, x):
-  masks = find_sparse_state(opt_state).forward_mask
-  for (w_in, w_out), (a_in, a_out) in zip(params, masks):
-    x = x + masked_matmul(jax.nn.gelu(masked_matmul(x, w_in, a_in)), w_out, a_out)
-  return (x**2).mean()
+def masked_loss(masked_layer):
+  """``loss(params, opt_state, x)`` through ``masked_layer(x, w_in, w_out, a_in, a_out)``."""
+
+  def loss_of(params, opt_state, x):
+    for (w_in, w_out), (a_in, a_out) in zip(params, find_sparse_state(opt_state).forward_mask):
+      x = masked_layer(x, w_in, w_out, a_in, a_out)
+    return (x**2).mean()
+
+  return loss_of
 
 
-def peak_mib(params, tx, grads_of, x) -> tuple[float, float]:
-  """(temporaries, peak) of the donated step, MiB."""
-
-  def step(p, s, x):
-    updates, s = tx.update(grads_of(p, s, x), s, p)
-    return optax.apply_updates(p, updates), s
-
-  state = jax.eval_shape(tx.init, params)
-  m = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, x).compile().memory_analysis()
-  peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-  return m.temp_size_in_bytes / MIB, (peak - m.alias_size_in_bytes) / MIB
+# Each layer under jax.checkpoint keeps its inputs (x, theta, A's bits) and recomputes the rest.
+loss_recomputed_per_layer = masked_loss(
+  jax.checkpoint(lambda *args: layer(*args, dot=lambda x, w, a: x @ _masked(w, a)))
+)
+loss_recomputed_in_backward = masked_loss(lambda *args: layer(*args, dot=masked_matmul))
 
 
 def main(argv=None):
@@ -103,24 +89,28 @@ def main(argv=None):
   params = [(f32(args.d, args.hidden), f32(args.hidden, args.d)) for _ in range(args.layers)]
   x = f32(args.batch, args.d)
   topkast = topkast_jax.topkast(optax.adam(1e-3), forward_sparsity=0.9, backward_sparsity=0.8)
-  steps = {
+  steps = {  # name -> (optimizer, gradient of (params, opt_state, x))
     'dense': (optax.adam(1e-3), lambda p, s, x: jax.grad(loss)(p, x)),
     'alpha_saved': (topkast, lambda p, s, x: topkast_jax.sparse_value_and_grad(loss)(p, s, x)[1]),
     'alpha_recomputed_per_layer': (topkast, jax.grad(loss_recomputed_per_layer)),
     'alpha_recomputed_in_backward': (topkast, jax.grad(loss_recomputed_in_backward)),
   }
-  kernels = sum(2 * args.d * args.hidden * 4 for _ in params) / MIB
   print(
     f'{args.layers} layers of {args.d} x {args.hidden} and {args.hidden} x {args.d} kernels '
-    f'({kernels:.0f} MiB), batch {args.batch}, Adam; jax {jax.__version__} on '
-    f'{jax.default_backend()}'
+    f'({args.layers * 2 * args.d * args.hidden * 4 / 2**20:.0f} MiB), batch {args.batch}, '
+    f'Adam; jax {jax.__version__} on {jax.default_backend()}'
   )
-  dense_peak = None
+  rows = {}
   for name, (tx, grads_of) in steps.items():
-    temp, peak = peak_mib(params, tx, grads_of, x)
-    dense_peak = dense_peak or peak
+
+    def step(p, s, extra, x, tx=tx, grads_of=grads_of):
+      updates, s = tx.update(grads_of(p, s, x), s, p)
+      return optax.apply_updates(p, updates), s, extra
+
+    rows[name] = memory_of(step, tx, params, {}, x)
+    temp, peak = rows[name]['temporaries_mib'], rows[name]['peak_mib']
     print(f'  {name:28s} temporaries {temp:8.1f} MiB  peak {peak:8.1f} MiB  '
-          f'ratio_vs_dense={peak / dense_peak:.3f}')  # fmt: skip
+          f'ratio_vs_dense={peak / rows["dense"]["peak_mib"]:.3f}')  # fmt: skip
 
 
 if __name__ == '__main__':

@@ -139,6 +139,12 @@ def peak(loss_fn, params, extra, batch, tx, sparse) -> dict:
     updates, s = tx.update(grads, s, p)
     return optax.apply_updates(p, updates), s, extra
 
+  return memory_of(step, tx, params, extra, batch)
+
+
+def memory_of(step, tx, params, extra, batch) -> dict:
+  """Memory analysis of ``step(params, state, extra, batch)`` jitted with the first three
+  donated, ``state`` the shape of ``tx.init(params)``, MiB."""
   state = jax.eval_shape(tx.init, params)
   compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(params, state, extra, batch).compile()
   m = compiled.memory_analysis()

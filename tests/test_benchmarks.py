@@ -1,11 +1,17 @@
 """One short round of every benchmark script, so the figures the docs quote cannot rot: each
 runs end to end on the current code and prints the lines the docs show (ratios in range)."""
 
+import importlib
 import json
 import os
 import re
 
-from experiment_utils import run_script
+import jax
+import numpy as np
+import optax
+from experiment_utils import ROOT, run_script
+
+import topkast_jax
 
 
 def run(name, *args, devices=1) -> str:
@@ -82,18 +88,10 @@ def test_step_memory_table(tmp_path):
   assert rows['topkast_compact']['params_and_state_mib'] < rows['topkast']['params_and_state_mib']
 
 
-def test_alpha_recompute_variants_take_the_same_gradient(capsys):
+def test_alpha_recompute_variants_take_the_same_gradient(capsys, monkeypatch):
   """The saved and the two recomputing variants compare one step: gradients equal, every line."""
-  import sys
-
-  import jax
-  import numpy as np
-  import optax
-
-  import topkast_jax
-
-  sys.path.insert(0, 'benchmarks')
-  import alpha_recompute
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'benchmarks'))
+  alpha_recompute = importlib.import_module('alpha_recompute')
 
   keys = jax.random.split(jax.random.key(0), 5)
   params = [
