@@ -142,7 +142,9 @@ def test_magnitude_pruning_has_no_compact_state():
     magnitude_pruning(optax.sgd(0.1), sparsity_level=0.7, end_step=4, compact_inner_state=True)
 
 
-@pytest.mark.parametrize('shape', [(64,), (12, 16), (16, 8), (3, 8, 40), (7, 5), (2, 9, 3)])
+@pytest.mark.parametrize(
+  'shape', [(64,), (12, 16), (16, 8), (3, 8, 40), (7, 5), (2, 9, 3), (5, 96), (2, 3, 64)]
+)
 def test_slots_from_masks_as_stored_match_numpy(shape):
   """B's indices and the old slots of new indices, from packed bits (last axis a multiple of 8)
   and from bool masks, against numpy."""
@@ -155,7 +157,7 @@ def test_slots_from_masks_as_stored_match_numpy(shape):
   np.testing.assert_array_equal(index[: len(want)], want)
   np.testing.assert_array_equal(index[len(want) :], old.size)  # padding: past the leaf
   new_index = np.asarray(compact.index_of(jnp.asarray(new), int(new.sum())))
-  slots = np.asarray(jax.jit(compact.old_slots)(stored, jnp.asarray(new_index)))
+  slots = np.asarray(jax.jit(compact.slots_of)(stored, jnp.asarray(new_index)))
   rank = np.cumsum(old.ravel()) - 1
   padded = np.append(old.ravel(), False)  # the padding index reads as outside B
   expected = np.where(padded[new_index], np.append(rank, -1)[new_index], -1)

@@ -235,11 +235,9 @@ def sparse_training(
         index = _index(backward_bits, specs)
         gathered = compact.gather(params, index), compact.gather(grads, index)
         base = compact.zeros(index, params)  # where the updates are scattered
-        moves = policy.update is not None  # the old B's ranks, for move_state
-        ranks = jax.tree.map(compact.ranks, backward_bits) if moves else None
-        return index, *gathered, compact.gather_masks(forward_bits, index), base, ranks
+        return index, *gathered, compact.gather_masks(forward_bits, index), base
 
-      index, inner_params, grads_at_b, forward_at_b, base, old_ranks = _once_gradients_exist(
+      index, inner_params, grads_at_b, forward_at_b, base = _once_gradients_exist(
         state.count, at_b, grads, params, forward_bits, backward_bits
       )
       _check_state_fits(state, inner, inner_params)
@@ -320,8 +318,9 @@ def sparse_training(
 
     if policy.update is not None:  # the state of weights whose mask changed
       if compact_inner_state:
-        new_index = _index(new_bits[1], specs)
-        inner_state = compact.move_state(inner, inner_state, backward_bits, new_index, old_ranks)
+        inner_state = compact.move_state(
+          inner, inner_state, new_bits[1], index, _one_leaf_at_a_time(count)
+        )
       elif reset_inner_state_on_exit or policy.zero_entering:
         reset = _where_not_dense(
           lambda new, old: new & ~old if policy.zero_entering else old & ~new, new_b, backward
